@@ -43,8 +43,10 @@ class Recipe:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if not self.steps:
             raise RecipeError(f"recipe {self.name!r} has no steps; add at least one [[steps]] table")
-        if not any(s.name == "quantize" for s in self.steps):
-            raise RecipeError(f"recipe {self.name!r} needs a quantize step")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(getattr(s, "needs_calibration", False) for s in self.steps)
 
     def to_dict(self) -> dict:
         return {
@@ -127,9 +129,14 @@ def check_finite(module: nn.Module) -> None:
             raise SquashError(f"weight {name!r} holds {bad} NaN/Inf value(s); fix the model before compressing it")
 
 
-def compress(model: Model | nn.Module, recipe: Recipe, progress: Progress | None = None) -> Model:
+def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None = None,
+             progress: Progress | None = None) -> Model:
     """A compressed copy of `model` (which is left untouched): every target weight runs through the recipe's
-    steps and its module is replaced by one that holds the compressed weight. Tied weights stay tied."""
+    steps and its module is replaced by one that holds the compressed weight. Tied weights stay tied.
+
+    A recipe that needs calibration (GPTQ, weighted clipping) gathers H = Σ xᵀx per Linear from `calib`
+    (input batches; by default drawn from the calibration text), layer after layer on the outputs of the layers
+    already compressed."""
     from squash.models import load as load_model
 
     if isinstance(model, nn.Module):
@@ -141,28 +148,89 @@ def compress(model: Model | nn.Module, recipe: Recipe, progress: Progress | None
     targets = target_weights(module, recipe.exclude)
     if not targets:
         raise SquashError(f"{model.name} has no Linear, Conv or Embedding layer to compress")
+    groups: dict[int, list[tuple[str, nn.Module]]] = {}  # tied layers share one weight: one group
+    for name, m in targets:
+        groups.setdefault(id(m.weight), []).append((name, m))
 
-    tensors, tied, by_param = {}, {}, {}
-    for i, (name, m) in enumerate(targets):
-        pname = f"{name}.weight" if name else "weight"
-        key = id(m.weight)
-        if key in by_param:  # tied: reuse the compressed tensor of the first owner
-            tied[pname] = by_param[key][0]
-            weight = by_param[key][1]
-        else:
-            ct = None
-            for step in recipe.steps:
-                ct = step(m.weight.data, ct)
-            ct.extra["sqnr_db"] = sqnr_db(m.weight.data, ct.dequantize())
-            weight = CompressedWeight(ct)
-            tensors[pname] = ct
-            by_param[key] = (pname, weight)
-        _set_module(module, name, compressed_module(m, weight))
+    tensors, tied, done = {}, {}, []
+
+    def apply(key: int, hessian: dict[str, torch.Tensor]) -> None:
+        members = groups[key]
+        first_name, first = members[0]
+        # a tied group takes the Hessian of its Linear member (an output head tied to the token embedding)
+        h = next((hessian[n] for n, _ in members if n in hessian), None)
+        w = first.weight.data
+        ct = None
+        for step in recipe.steps:
+            ct = step(w, ct, h)
+        ct.extra["sqnr_db"] = sqnr_db(w, ct.dequantize())
+        weight = CompressedWeight(ct)
+        tensors[f"{first_name}.weight"] = ct
+        for name, m in members:
+            if name != first_name:
+                tied[f"{name}.weight"] = f"{first_name}.weight"
+            _set_module(module, name, compressed_module(m, weight))
+        done.append(key)
         if progress:
-            progress(i + 1, len(targets), pname)
+            progress(len(done), len(groups), f"{first_name}.weight")
+
+    if not recipe.needs_calibration:
+        for key in groups:
+            apply(key, {})
+    else:
+        _compress_calibrated(model, module, groups, calib, apply)
     return Model(module=module.eval(), kind=model.kind, name=model.name, config=model.config,
                  tokenizer=model.tokenizer, source=dict(model.source), tensors=tensors, tied=tied,
                  recipe=recipe.to_dict())
+
+
+def _compress_calibrated(model: Model, module: nn.Module, groups: dict, calib, apply) -> None:
+    """Blocks in order, each calibrated on the outputs of the compressed blocks before it; then the rest."""
+    from squash.calibrate import block_inputs, calibration_batches, first_output, hessians, repeated_blocks
+
+    batches = calib if calib is not None else calibration_batches(model)
+    remaining = list(groups)
+    found = repeated_blocks(module)
+    if found:
+        prefix, blocks = found
+        inputs = block_inputs(module, blocks[0], batches)
+        for i, block in enumerate(blocks):
+            inside = [k for k in remaining if all(n.startswith(f"{prefix}.{i}.") for n, _ in groups[k])]
+            layers = {n: m for k in inside for n, m in groups[k]}
+
+            def run_block():
+                for args, kwargs in inputs:
+                    block(*args, **kwargs)
+
+            h = hessians(run_block, layers)
+            for k in inside:
+                apply(k, h)
+                remaining.remove(k)
+            with torch.inference_mode():
+                inputs = [_replace_hidden(args, kwargs, first_output(block(*args, **kwargs))) for args, kwargs in inputs]
+        del inputs
+    if remaining:  # layers outside the blocks (embeddings, output head): one pass through the compressed model
+
+        def run_model():
+            for batch in batches:
+                module(**batch)
+
+        if found:
+            layers = {n: m for k in remaining for n, m in groups[k]}
+            h = hessians(run_model, layers)
+            for k in list(remaining):
+                apply(k, h)
+        else:  # a small model without repeated blocks: one pass per layer, in order
+            for k in list(remaining):
+                current = {n: module.get_submodule(n) for n, _ in groups[k]}
+                apply(k, hessians(run_model, current))
+
+
+def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A block's next inputs: the same call with the hidden states replaced."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:

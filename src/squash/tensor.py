@@ -1,21 +1,22 @@
 """The one compressed-tensor type every step speaks.
 
-    W ≈ s · (c − z)                      (this version: uniform grids)
+    W ≈ s · (G[c] − z) + U·V + S
+
+codes c index a grid G of levels (the integers 0 … 2^bits − 1 when `grid` is None; a logarithmic or NF4 grid
+otherwise), s and z are a scale and zero point per block, U·V a low-rank term and S sparse outliers kept in float.
+A field left empty drops its term; with no codes at all, W ≈ U·V + S (a pure low-rank factorisation).
 
 A weight of any shape is seen as a matrix (rows = output channels, cols = everything else, the way
 a Conv weight (out, in, kh, kw) flattens to (out, in·kh·kw)). The matrix is cut into blocks of
 `block = (block_rows, block_cols)`; each block has one scale `s` and, when asymmetric, one zero point `z`.
-Codes `c` are unsigned integers in [0, 2^bits − 1]. A symmetric grid fixes z = 2^(bits−1) and uses the
-codes 1 … 2^bits − 1, so the levels s·(c − z) run from −s·(2^(bits−1) − 1) to +s·(2^(bits−1) − 1).
+On the integer grid a symmetric tensor fixes z = 2^(bits−1) and uses the codes 1 … 2^bits − 1, so the levels
+s·(c − z) run from −s·(2^(bits−1) − 1) to +s·(2^(bits−1) − 1); on a custom grid symmetric means z = 0.
 
 Granularity is one idea, the block:
     per tensor          block = (rows, cols)
     per output channel  block = (1, cols)
     per group of g      block = (1, g)      the last group of a row may be shorter (ragged); it is padded
                                            internally and the padding is never stored.
-
-Later steps add fields to this type (a codebook grid, a pruning mask, low-rank factors, sparse outliers);
-a field left empty drops its term.
 """
 from __future__ import annotations
 
@@ -27,23 +28,33 @@ import torch
 
 @dataclass
 class CompressedTensor:
-    """A float tensor stored as codes and per-block scales: W ≈ s·(c − z).
+    """A float tensor stored as W ≈ s·(G[c] − z) + U·V + S.
 
     shape:   the original tensor's shape
-    bits:    code width, 2…8
+    bits:    code width, 2…8 (0 when there are no codes)
     block:   (block_rows, block_cols) on the matrix view, both ≥ 1 and already resolved against the shape
-    codes:   uint8, the matrix view (rows, cols), each value in [0, 2^bits − 1]
-    scale:   float, (ceil(rows / block_rows), ceil(cols / block_cols))
-    zero:    float like scale, or None for a symmetric grid (z = 2^(bits−1))
+    codes:   uint8, the matrix view (rows, cols), each value in [0, 2^bits − 1]; None for a pure low-rank tensor
+    scale:   float32 or float16, (ceil(rows / block_rows), ceil(cols / block_cols))
+    zero:    like scale (float), or uint8 integer zero points (stored packed at `bits`), or None: symmetric
+    grid:    float32 levels (2^bits,) that codes index; None for the integer grid
+    u, v:    low-rank factors (rows, r) and (r, cols), float16 or float32
+    sparse_index, sparse_value:  flat positions (int32) in the matrix view and their float values, added last
     """
 
     shape: tuple[int, ...]
     bits: int
     block: tuple[int, int]
-    codes: torch.Tensor
-    scale: torch.Tensor
+    codes: torch.Tensor | None
+    scale: torch.Tensor | None
     zero: torch.Tensor | None = None
+    grid: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    sparse_index: torch.Tensor | None = None
+    sparse_value: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)  # step-specific metadata kept in the file header (JSON-able)
+
+    ARRAYS = ("codes", "scale", "zero", "grid", "u", "v", "sparse_index", "sparse_value")
 
     @property
     def symmetric(self) -> bool:
@@ -57,37 +68,57 @@ class CompressedTensor:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def midpoint(self) -> float:
+        """z of a symmetric tensor: 2^(bits−1) on the integer grid, 0 on a custom grid."""
+        return 0.0 if self.grid is not None else float(2 ** (self.bits - 1))
+
     def zero_point(self) -> torch.Tensor:
-        """z per block; for a symmetric grid the fixed midpoint 2^(bits−1)."""
+        """z per block (R, C)."""
         if self.zero is not None:
-            return self.zero
-        return torch.full_like(self.scale, float(2 ** (self.bits - 1)))
+            return self.zero.float()
+        return torch.full(self.scale.shape, self.midpoint(), dtype=torch.float32, device=self.scale.device)
+
+    def levels(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """G[c] for every code, the matrix view."""
+        if self.grid is None:
+            return self.codes.to(dtype)
+        return self.grid.to(dtype)[self.codes.long()]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Ŵ = s·(c − z), reshaped to the original shape.
+        """Ŵ = s·(G[c] − z) + U·V + S, reshaped to the original shape.
 
         Works on the block view (R, br, C, bc) so each scale broadcasts over its block without being copied.
         """
         rows, cols = self.matrix_shape
-        br, bc = self.block
-        R, C = self.scale.shape
-        codes = self.codes
-        if (R * br, C * bc) != (rows, cols):  # ragged edge blocks: pad, then cut the padding off again
-            codes = torch.nn.functional.pad(codes, (0, C * bc - cols, 0, R * br - rows))
-        c = codes.reshape(R, br, C, bc).to(dtype)  # (R, br, C, bc)
-        s = self.scale.to(dtype)[:, None, :, None]
-        if self.zero is None:
-            w = (c - float(2 ** (self.bits - 1))) * s
+        if self.codes is None:
+            w = torch.zeros(rows, cols, dtype=dtype, device=self.u.device if self.u is not None else None)
         else:
-            w = (c - self.zero.to(dtype)[:, None, :, None]) * s
-        return w.reshape(R * br, C * bc)[:rows, :cols].reshape(self.shape)
+            br, bc = self.block
+            R, C = self.scale.shape
+            c = self.levels(dtype)
+            if (R * br, C * bc) != (rows, cols):  # ragged edge blocks: pad, then cut the padding off again
+                c = torch.nn.functional.pad(c, (0, C * bc - cols, 0, R * br - rows))
+            c = c.reshape(R, br, C, bc)  # (R, br, C, bc)
+            s = self.scale.to(dtype)[:, None, :, None]
+            z = self.midpoint() if self.zero is None else self.zero.to(dtype)[:, None, :, None]
+            w = ((c - z) * s).reshape(R * br, C * bc)[:rows, :cols]
+        if self.u is not None:
+            w = w + self.u.to(dtype) @ self.v.to(dtype)
+        if self.sparse_index is not None:
+            w = w.reshape(-1).index_add(0, self.sparse_index.long(), self.sparse_value.to(dtype)).reshape(rows, cols)
+        return w.reshape(self.shape)
 
     def stored_bytes(self) -> int:
-        """Bytes this tensor occupies on disk: packed codes plus scales (and zeros)."""
-        n = math.ceil(self.numel * self.bits / 8)
-        n += self.scale.numel() * self.scale.element_size()
+        """Bytes this tensor occupies on disk: packed codes, scales, zeros, grid, factors, outliers."""
+        n = math.ceil(self.numel * self.bits / 8) if self.codes is not None else 0
+        for t in (self.scale, self.grid, self.u, self.v, self.sparse_index, self.sparse_value):
+            if t is not None:
+                n += t.numel() * t.element_size()
         if self.zero is not None:
-            n += self.zero.numel() * self.zero.element_size()
+            if self.zero.dtype.is_floating_point:
+                n += self.zero.numel() * self.zero.element_size()
+            else:  # integer zero points are packed at the code width
+                n += math.ceil(self.zero.numel() * self.bits / 8)
         return n
 
     def bits_per_weight(self) -> float:
@@ -128,4 +159,13 @@ def expand_blocks(per_block: torch.Tensor, block: tuple[int, int], rows: int, co
     """(R, C) per-block values → (rows, cols), each block's value repeated over its elements."""
     br, bc = block
     full = per_block.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
+    return full[:rows, :cols]
+
+
+
+def from_blocks(blocks: torch.Tensor, block: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
+    """Inverse of to_blocks: (R, C, br·bc) → the (rows, cols) matrix, padding cut off."""
+    R, C, _ = blocks.shape
+    br, bc = block
+    full = blocks.reshape(R, C, br, bc).permute(0, 2, 1, 3).reshape(R * br, C * bc)
     return full[:rows, :cols]

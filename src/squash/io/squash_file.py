@@ -34,15 +34,16 @@ def arrays_of(model: Model) -> tuple[dict[str, torch.Tensor], dict]:
     """The arrays to store and the header describing them."""
     arrays, entries = {}, {}
     for name, ct in model.tensors.items():
-        arrays[f"{name}.codes"] = pack_codes(ct.codes, ct.bits)
-        arrays[f"{name}.scale"] = ct.scale.contiguous()
-        entry = {"encoding": "uniform", "shape": list(ct.shape), "bits": ct.bits, "block": list(ct.block),
-                 "symmetric": ct.symmetric, "stored_bytes": ct.stored_bytes()}
-        if ct.zero is not None:
-            arrays[f"{name}.zero"] = ct.zero.contiguous()
-        if ct.extra:
-            entry["extra"] = ct.extra
-        entries[name] = entry
+        present = [f for f in CompressedTensor.ARRAYS if getattr(ct, f) is not None]
+        for f in present:
+            t = getattr(ct, f)
+            if f == "codes" or (f == "zero" and not t.dtype.is_floating_point):
+                t = pack_codes(t, ct.bits)  # integer zero points are packed like codes
+            arrays[f"{name}.{f}"] = t.contiguous()
+        entries[name] = {"encoding": _encoding(ct), "shape": list(ct.shape), "bits": ct.bits,
+                         "block": list(ct.block), "symmetric": ct.symmetric, "arrays": present,
+                         "zero": None if ct.zero is None else ("float" if ct.zero.dtype.is_floating_point else "int"),
+                         "stored_bytes": ct.stored_bytes(), "extra": ct.extra}
     state, aliases = float_state(model.module)
     for name, t in state.items():
         arrays[name] = t.detach().contiguous()
@@ -161,18 +162,33 @@ def _assemble(header: dict, arrays: dict[str, torch.Tensor], module: nn.Module |
                  tensors=tensors, tied=dict(header["tied"]), recipe=header["recipe"])
 
 
+def _encoding(ct: CompressedTensor) -> str:
+    if ct.codes is None:
+        return "lowrank"
+    return "uniform" if ct.grid is None else "grid"
+
+
 def _tensor_from(name: str, entry: dict, arrays: dict[str, torch.Tensor]) -> CompressedTensor:
-    if entry.get("encoding") != "uniform":
+    if entry.get("encoding") not in ("uniform", "grid", "lowrank"):
         raise FormatError(f"tensor {name!r}: unknown encoding {entry.get('encoding')!r}")
+    present = entry.get("arrays", ["codes", "scale"] + ([] if entry["symmetric"] else ["zero"]))
+    unknown = set(present) - set(CompressedTensor.ARRAYS)
+    if unknown:
+        raise FormatError(f"tensor {name!r}: unknown array(s) {sorted(unknown)}")
     shape, bits = tuple(int(x) for x in entry["shape"]), int(entry["bits"])
     rows, cols = matrix_shape(shape)
-    packed = arrays[f"{name}.codes"]
-    if packed.numel() != packed_size(math.prod(shape), bits):
-        raise FormatError(f"tensor {name!r}: {packed.numel()} code bytes do not fit shape {list(shape)} at {bits} bits")
-    codes = unpack_codes(packed, bits, math.prod(shape)).reshape(rows, cols)
-    zero = arrays.get(f"{name}.zero") if not entry["symmetric"] else None
-    return CompressedTensor(shape=shape, bits=bits, block=tuple(entry["block"]), codes=codes,
-                            scale=arrays[f"{name}.scale"], zero=zero, extra=entry.get("extra", {}))
+    fields = {f: arrays[f"{name}.{f}"] for f in present}
+    if "codes" in fields:
+        packed = fields["codes"]
+        if packed.numel() != packed_size(math.prod(shape), bits):
+            raise FormatError(f"tensor {name!r}: {packed.numel()} code bytes do not fit shape {list(shape)} at {bits} bits")
+        fields["codes"] = unpack_codes(packed, bits, math.prod(shape)).reshape(rows, cols)
+    if entry.get("zero") == "int":
+        n = fields["scale"].numel()
+        fields["zero"] = unpack_codes(fields["zero"], bits, n).reshape(fields["scale"].shape)
+    fields.setdefault("codes", None)
+    fields.setdefault("scale", None)
+    return CompressedTensor(shape=shape, bits=bits, block=tuple(entry["block"]), extra=entry.get("extra", {}), **fields)
 
 
 def _digest(arrays: dict[str, torch.Tensor]) -> str:

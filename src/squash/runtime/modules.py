@@ -19,13 +19,13 @@ class CompressedWeight(nn.Module):
     def __init__(self, ct: CompressedTensor):
         super().__init__()
         self.ct = ct
-        self.register_buffer("codes", ct.codes, persistent=False)
-        self.register_buffer("scale", ct.scale, persistent=False)
-        self.register_buffer("zero", ct.zero, persistent=False)
+        for f in ct.ARRAYS:
+            self.register_buffer(f, getattr(ct, f), persistent=False)
 
     def _apply(self, fn, recurse=True):  # keep the dataclass pointing at the moved buffers
         out = super()._apply(fn, recurse)
-        self.ct.codes, self.ct.scale, self.ct.zero = self.codes, self.scale, self.zero
+        for f in self.ct.ARRAYS:
+            setattr(self.ct, f, getattr(self, f))
         return out
 
     def forward(self, dtype: torch.dtype) -> torch.Tensor:
@@ -42,10 +42,19 @@ class QLinear(nn.Module):
         self.out_features, self.in_features = weight.ct.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_q.ct.extra.get("activation_bits"):
+            x = quantize_activations(x, self.weight_q.ct.extra["activation_bits"])
         return F.linear(x, self.weight_q(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.weight_q.ct.bits}"
+
+
+def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token symmetric rounding of activations: x̂ = s_x·round(x / s_x), s_x = max|x| / (2^(b−1) − 1)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / qmax  # one scale per token
+    return torch.clamp(torch.round(x / s), -qmax, qmax) * s
 
 
 class QEmbedding(nn.Module):
@@ -59,7 +68,8 @@ class QEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ct = self.weight_q.ct
-        if ct.block[0] != 1:  # scales shared across rows: dequantize the whole table
+        if ct.block[0] != 1 or ct.codes is None or ct.u is not None or ct.sparse_index is not None or ct.grid is not None:
+            # scales shared across rows, or terms beyond codes: dequantize the whole table
             return F.embedding(ids, ct.dequantize())
         flat = ids.reshape(-1)
         rows = _dequantize_rows(ct, flat)  # (n, dim)

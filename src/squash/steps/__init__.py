@@ -1,6 +1,7 @@
 """The steps of a recipe. Each is a frozen config plus a pure function of the same name."""
+from squash.steps.decompose import LowRank, Outliers, lowrank, outliers
 from squash.steps.quantize import Quantize, quantize
 
-STEPS = {"quantize": Quantize}
+STEPS = {"quantize": Quantize, "lowrank": LowRank, "outliers": Outliers}
 
-__all__ = ["Quantize", "quantize", "STEPS"]
+__all__ = ["LowRank", "Outliers", "Quantize", "STEPS", "lowrank", "outliers", "quantize"]

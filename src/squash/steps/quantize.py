@@ -1,35 +1,73 @@
-"""Step 2, quantize: round weights to codes on a uniform grid.
+"""Step 2, quantize: codes on a grid, chosen by rounding to nearest or by error-compensating rounding.
 
-Round to nearest (the baseline every method is compared with):
-    c = clamp(round(w / s) + z, c_min, c_max);   ŵ = s·(c − z)
-Inside the clamp range the error |w − ŵ| ≤ s/2 per element; absmax scaling keeps every weight inside it.
-Symmetric grids use c ∈ [1, 2^b − 1] with z = 2^(b−1); asymmetric grids c ∈ [0, 2^b − 1] with z per block.
+Round to nearest (the floor every method is compared with):
+    c = nearest code of (w / s + z);   ŵ = s·(G[c] − z)
+On the integer grid inside the clamp range |w − ŵ| ≤ s/2 per element; absmax scaling keeps every weight inside.
+
+Grids the codes index (one machinery for all):
+    uniform  G = 0 … 2^b − 1 (symmetric: codes 1 … 2^b − 1 around z = 2^(b−1))
+    log      G = {0} ∪ {±2^−e : e = 0 … 2^(b−1) − 2}: sign plus a power of two (Miyashita et al. 2016)
+    nf       G = quantiles of N(0, 1) scaled to [−1, 1], with an exact zero (NF4: Dettmers et al., QLoRA 2023)
+
+Error-compensating rounding (GPTQ: Frantar et al. 2023, from Optimal Brain Surgeon) with H = Σ xᵀx over
+calibration inputs x of the layer: columns are quantized left to right; column j's error, divided by the
+Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), is spread over the columns not yet quantized:
+    e = (w_j − ŵ_j) / U_jj;    W_{:, k>j} −= e · U_{j, k>j}
+so that ‖(W − Ŵ)X‖² is minimised greedily. Group scales are chosen when the walk reaches each group, on the
+already-updated weights.
+
+W8A8 (activations = 8): weights as above; the runtime also rounds each token's activations to int8,
+x ≈ s_x·q_x with s_x = max|x| / 127 per token, the form int8-only accelerators need.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar
 
 import torch
 
 from squash.errors import RecipeError
-from squash.steps.normalize import absmax_scale, minmax_scale_zero
-from squash.tensor import CompressedTensor, expand_blocks, matrix_shape, resolve_block
+from squash.steps.normalize import clip_search, hqq_zero, midpoint, round_to_grid, scale_zero
+from squash.tensor import CompressedTensor, from_blocks, matrix_shape, resolve_block, to_blocks
 
 BLOCK_NAMES = {"tensor": (-1, -1), "channel": (1, -1)}
+CHOICES = {
+    "grid": ("uniform", "log", "nf"),
+    "clip": ("absmax", "mse", "hqq"),
+    "rounding": ("nearest", "gptq"),
+    "scale_dtype": ("float32", "float16"),
+    "zero_dtype": ("float", "int"),
+}
 
 
 @dataclass(frozen=True)
 class Quantize:
-    """Uniform quantization of a weight to `bits`, one scale per block.
+    """Quantize a weight to `bits` on a grid, one scale (and zero point) per block.
 
-    block: "tensor", "channel" (one scale per output channel), or an int g (groups of g input weights).
+    block:       "tensor", "channel" (one scale per output channel), or an int g (groups of g input weights)
+    symmetric:   no zero point (uniform grid) / z = 0 (log, nf grids)
+    grid:        "uniform", "log" or "nf"
+    clip:        "absmax" (plain), "mse" (α per block minimising the error; weighted by the diagonal of XᵀX when
+                 calibration data is given), "hqq" (data-free zero-point optimisation; asymmetric, float zero)
+    rounding:    "nearest" or "gptq" (needs calibration data; Linear layers; others fall back to nearest)
+    scale_dtype: "float32" or "float16" (what is stored)
+    zero_dtype:  "float" or "int" (asymmetric: an integer zero point stored packed at `bits`)
+    activations: 0, or 8 for W8A8 (per-token int8 activations at run time)
+    damp:        GPTQ's dampening, a fraction of mean(diag H) added to the diagonal
     """
 
     bits: int = 8
     block: str | int = "channel"
     symmetric: bool = True
+    grid: str = "uniform"
+    clip: str = "absmax"
     rounding: str = "nearest"
+    scale_dtype: str = "float32"
+    zero_dtype: str = "float"
+    activations: int = 0
+    damp: float = 0.01
 
     name: ClassVar[str] = "quantize"
 
@@ -43,32 +81,154 @@ class Quantize:
             raise RecipeError(f"quantize.block = {self.block!r}: a group size must be a positive integer")
         if not isinstance(self.symmetric, bool):
             raise RecipeError(f"quantize.symmetric = {self.symmetric!r}: must be true or false")
-        if self.rounding != "nearest":
-            raise RecipeError(f"quantize.rounding = {self.rounding!r}: only 'nearest' is available")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise RecipeError(f"quantize.{key} = {getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        if self.grid != "uniform" and not self.symmetric:
+            raise RecipeError(f"quantize.grid = {self.grid!r} is symmetric by construction; set symmetric = true")
+        if self.clip == "hqq" and (self.symmetric or self.zero_dtype != "float"):
+            raise RecipeError("quantize.clip = 'hqq' optimises a float zero point: set symmetric = false, zero_dtype = 'float'")
+        if self.activations not in (0, 8):
+            raise RecipeError(f"quantize.activations = {self.activations!r}: 0 (weights only) or 8 (W8A8)")
+        if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1):
+            raise RecipeError(f"quantize.damp = {self.damp!r}: a fraction between 0 and 1, such as 0.01")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.rounding == "gptq" or self.clip == "mse"
 
     def block_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         block = BLOCK_NAMES[self.block] if isinstance(self.block, str) else (1, self.block)
         return resolve_block(block, shape)
 
-    def __call__(self, w: torch.Tensor, ct: CompressedTensor | None = None) -> CompressedTensor:
-        return quantize(w, self)
+    def __call__(self, w: torch.Tensor, ct: CompressedTensor | None, h: torch.Tensor | None = None) -> CompressedTensor:
+        return quantize(w, self, ct, h)
 
 
-def quantize(w: torch.Tensor, config: Quantize) -> CompressedTensor:
-    """Round-to-nearest quantization of float weight `w` under `config`; `w` is not modified."""
+@lru_cache(maxsize=None)
+def grid_levels(kind: str, bits: int) -> torch.Tensor | None:
+    """The sorted levels G of a custom grid in [−1, 1] (None for the integer grid)."""
+    if kind == "uniform":
+        return None
+    if kind == "log":
+        powers = [2.0 ** -e for e in range(2 ** (bits - 1) - 1)]
+        levels = sorted([-p for p in powers] + [0.0] + powers)
+        levels.append(levels[-1])  # 2^b − 1 distinct levels; the spare code repeats the top one
+        return torch.tensor(sorted(levels), dtype=torch.float32)
+    # nf: 2^(b−1) positive and 2^(b−1) − 1 negative normal quantiles, plus 0, scaled to [−1, 1]
+    from scipy.stats import norm
+
+    offset = 0.5 * (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16))  # QLoRA's 0.9677: the outermost quantile used
+    pos = norm.ppf(torch.linspace(offset, 0.5, 2 ** (bits - 1) + 1)[:-1].double().numpy())
+    neg = -norm.ppf(torch.linspace(offset, 0.5, 2 ** (bits - 1))[:-1].double().numpy())
+    levels = torch.tensor(sorted(list(pos) + [0.0] + list(neg)), dtype=torch.float32)
+    return levels / levels.abs().max()
+
+
+def quantize(w: torch.Tensor, config: Quantize, ct: CompressedTensor | None = None,
+             h: torch.Tensor | None = None) -> CompressedTensor:
+    """Quantize float weight `w` (not modified). A previous `ct` holding sparse outliers is kept and they are
+    taken out of `w` first. `h` = Σ xᵀx of the layer's inputs, (in, in), enables GPTQ and weighted clipping."""
     shape = tuple(w.shape)
     rows, cols = matrix_shape(shape)
     block = config.block_shape(shape)
-    w2d = w.detach().float().reshape(rows, cols)  # (out, in·k…)
-    if config.symmetric:
-        scale, zero = absmax_scale(w2d, block, config.bits), None
-        z = float(2 ** (config.bits - 1))
-        cmin, cmax = 1, 2**config.bits - 1
-        zfull = z
+    w2d = w.detach().float().reshape(rows, cols).clone()  # (out, in·k…)
+    if ct is not None and ct.sparse_index is not None:
+        w2d.view(-1)[ct.sparse_index.long()] -= ct.sparse_value.float()
+    if h is not None and h.shape != (cols, cols):
+        h = None  # a Hessian of another shape (conv, embedding) does not apply
+    grid = grid_levels(config.grid, config.bits)
+    if config.rounding == "gptq" and h is not None and block[0] in (1, rows):
+        codes, scale, zero = _gptq(w2d, h, config, block, grid)
     else:
-        scale, zero = minmax_scale_zero(w2d, block, config.bits)
-        cmin, cmax = 0, 2**config.bits - 1
-        zfull = expand_blocks(zero, block, rows, cols)
-    sfull = expand_blocks(scale, block, rows, cols)
-    codes = torch.clamp(torch.round(w2d / sfull + zfull), cmin, cmax).to(torch.uint8)
-    return CompressedTensor(shape=shape, bits=config.bits, block=block, codes=codes, scale=scale, zero=zero)
+        codes, scale, zero = _nearest(w2d, config, block, grid, None if h is None else torch.diag(h))
+    out = CompressedTensor(shape=shape, bits=config.bits, block=block, codes=codes.to(torch.uint8), scale=scale,
+                           zero=zero, grid=grid)
+    if ct is not None:
+        out.sparse_index, out.sparse_value = ct.sparse_index, ct.sparse_value
+    if config.activations:
+        out.extra["activation_bits"] = config.activations
+    return out
+
+
+def _scales(blocks: torch.Tensor, config: Quantize, grid, col_weight: torch.Tensor | None):
+    """(s, z) per block for (…, n) blocks, stored dtypes applied; z None when symmetric."""
+    int_zero = not config.symmetric and config.zero_dtype == "int"
+    alpha = 1.0
+    if config.clip == "mse":
+        alpha = clip_search(blocks, config.bits, config.symmetric, col_weight, grid, int_zero)
+    s, z = scale_zero(blocks, config.bits, config.symmetric, alpha, grid is not None, int_zero)
+    if config.clip == "hqq":
+        z = hqq_zero(blocks, s, z, config.bits)
+    s = s.to(getattr(torch, config.scale_dtype))
+    if z is not None:
+        z = z.to(torch.uint8) if int_zero else z.to(getattr(torch, config.scale_dtype))
+    return s, z
+
+
+def _nearest(w2d: torch.Tensor, config: Quantize, block, grid, h_diag: torch.Tensor | None):
+    rows, cols = w2d.shape
+    blocks = to_blocks(w2d, block)  # (R, C, br·bc)
+    col_weight = None
+    if h_diag is not None:
+        col_weight = to_blocks(h_diag.float().expand(rows, cols).contiguous(), block).nan_to_num(nan=0.0)
+    s, z = _scales(blocks, config, grid, col_weight)
+    zf = midpoint(config.bits, config.symmetric, grid) if z is None else z.float()[..., None]
+    c = round_to_grid(blocks / s.float()[..., None] + zf, config.bits, config.symmetric, grid)
+    return from_blocks(c.nan_to_num(nan=0.0), block, rows, cols), s, z
+
+
+def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid):
+    """GPTQ with lazy batch updates; scales per group chosen on the updated weights as the walk reaches them."""
+    rows, cols = w2d.shape
+    br, bc = block
+    W = w2d.clone()
+    H = h.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += config.damp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # H⁻¹ = UᵀU
+    h_diag = torch.diag(H).float()
+
+    n_groups = math.ceil(cols / bc)
+    R = 1 if br == rows else rows
+    scale = torch.empty(R, n_groups, dtype=getattr(torch, config.scale_dtype))
+    zero = None if config.symmetric else torch.empty(R, n_groups, dtype=torch.uint8 if config.zero_dtype == "int"
+                                                     else getattr(torch, config.scale_dtype))
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+
+    def choose(g: int, cols_now: torch.Tensor) -> None:
+        """Scales of group g from its current (error-updated) columns (rows, ≤ bc)."""
+        blocks = cols_now.reshape(R, -1)[:, None, :]  # (R, 1, n): one block per row, or one for the tensor
+        wd = h_diag[g * bc : g * bc + cols_now.shape[1]].repeat(cols_now.shape[0] // R)[None, None, :]
+        s, z = _scales(blocks, config, grid, wd)
+        scale[:, g] = s[:, 0]
+        if zero is not None:
+            zero[:, g] = z[:, 0]
+
+    step = bc * max(1, 128 // bc) if bc < cols else 128  # lazy-batch width, whole groups
+    if bc >= cols:
+        choose(0, W)
+    for i1 in range(0, cols, step):
+        i2 = min(i1 + step, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = j // bc
+            if bc < cols and j % bc == 0:
+                choose(g, W1[:, i : i + min(bc, i2 - j)])
+            s = scale[:, g].float().expand(rows) if R == 1 else scale[:, g].float()
+            z = midpoint(config.bits, config.symmetric, grid) if zero is None else (
+                zero[:, g].float().expand(rows) if R == 1 else zero[:, g].float())
+            w = W1[:, i]
+            c = round_to_grid(w / s + z, config.bits, config.symmetric, grid)
+            codes[:, j] = c.to(torch.uint8)
+            q = s * ((c if grid is None else grid[c.long()]) - z)
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return codes, scale, zero
