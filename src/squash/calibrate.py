@@ -18,21 +18,24 @@ from squash.data import calibration_text, paragraphs
 
 
 class HessianHook:
-    """Accumulates H = Σ xᵀx over the inputs of one Linear layer."""
+    """Accumulates H = Σ xᵀx over the inputs of one Linear layer. Layers fed the same tensor (q, k, v; gate, up)
+    share one product through `shared`, which remembers the last input seen."""
 
-    def __init__(self, layer: nn.Linear):
-        self.h = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
-        self.tokens = 0
+    def __init__(self, layer: nn.Linear, shared: dict):
+        self.h = torch.zeros(layer.in_features, layer.in_features)
+        self.shared = shared
         self.handle = layer.register_forward_pre_hook(self)
 
     def __call__(self, module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, in)
-        self.h += x.T @ x
-        self.tokens += x.shape[0]
+        x = args[0]
+        if self.shared.get("x") is not x:  # holding x keeps its identity from being reused by another tensor
+            flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            self.shared.update(x=x, xtx=flat.T @ flat)
+        self.h += self.shared["xtx"]
 
     def remove(self) -> torch.Tensor:
         self.handle.remove()
-        return self.h.float()
+        return self.h
 
 
 def calibration_batches(model, samples: int = 64, seq_len: int = 512) -> list[dict]:
@@ -98,7 +101,8 @@ def block_inputs(module: nn.Module, first: nn.Module, batches: list[dict]) -> li
 @torch.inference_mode()
 def hessians(run: Callable[[], None], layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """H of each Linear in `layers` while `run()` feeds calibration data through them."""
-    hooks = {name: HessianHook(m) for name, m in layers.items() if isinstance(m, nn.Linear)}
+    shared: dict = {}
+    hooks = {name: HessianHook(m, shared) for name, m in layers.items() if isinstance(m, nn.Linear)}
     try:
         run()
     finally:

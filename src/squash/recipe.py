@@ -31,57 +31,96 @@ from squash.steps import STEPS
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
 
+def matches(name: str, pattern: str) -> bool:
+    """A module name matches a pattern that is the name itself or one of its prefixes (`model.layers.3`)."""
+    return name == pattern or name.startswith(pattern + ".")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Steps that replace the recipe's default steps for the modules `match` names (a name or a prefix)."""
+
+    match: str
+    steps: tuple
+
+
 @dataclass(frozen=True)
 class Recipe:
+    """An ordered list of steps applied to every target weight; `layers` rules override them per module
+    (the first rule that matches wins); `exclude` leaves modules in float."""
+
     steps: tuple
     exclude: tuple[str, ...] = ()
     name: str = "custom"
     version: int = 1
+    layers: tuple[LayerRule, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "layers", tuple(self.layers))
         if not self.steps:
             raise RecipeError(f"recipe {self.name!r} has no steps; add at least one [[steps]] table")
 
     @property
     def needs_calibration(self) -> bool:
-        return any(getattr(s, "needs_calibration", False) for s in self.steps)
+        every = self.steps + tuple(s for rule in self.layers for s in rule.steps)
+        return any(getattr(s, "needs_calibration", False) for s in every)
+
+    def steps_for(self, names: list[str]) -> tuple:
+        for rule in self.layers:
+            if any(matches(n, rule.match) for n in names):
+                return rule.steps
+        return self.steps
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "exclude": list(self.exclude),
-            "steps": [{"step": s.name, **asdict(s)} for s in self.steps],
-        }
+        out = {"name": self.name, "version": self.version, "exclude": list(self.exclude),
+               "steps": _steps_to_dicts(self.steps)}
+        if self.layers:
+            out["layers"] = [{"match": r.match, "steps": _steps_to_dicts(r.steps)} for r in self.layers]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict, origin: str = "recipe") -> Recipe:
         if not isinstance(d, dict):
             raise RecipeError(f"{origin}: a recipe must be a table")
-        unknown = set(d) - {"name", "version", "exclude", "steps", "description"}
+        unknown = set(d) - {"name", "version", "exclude", "steps", "description", "layers"}
         if unknown:
-            raise RecipeError(f"{origin}: unknown recipe key(s) {sorted(unknown)}; allowed: name, exclude, steps")
+            raise RecipeError(f"{origin}: unknown recipe key(s) {sorted(unknown)}; allowed: name, exclude, steps, layers")
         exclude = d.get("exclude", [])
         if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
             raise RecipeError(f"{origin}: exclude must be a list of module names")
-        raw_steps = d.get("steps", [])
-        if not isinstance(raw_steps, list):
-            raise RecipeError(f"{origin}: steps must be a list of [[steps]] tables")
-        steps = []
-        for i, raw in enumerate(raw_steps):
-            raw = dict(raw)
-            kind = raw.pop("step", None)
-            if kind not in STEPS:
-                raise RecipeError(f"{origin}: steps[{i}].step = {kind!r}; known steps: {', '.join(STEPS)}")
-            cls_ = STEPS[kind]
-            allowed = {f.name for f in fields(cls_)}
-            bad = set(raw) - allowed
-            if bad:
-                raise RecipeError(f"{origin}: {kind} has no parameter(s) {sorted(bad)}; it takes {sorted(allowed)}")
-            steps.append(cls_(**raw))
-        return cls(steps=steps, exclude=exclude, name=d.get("name", origin), version=d.get("version", 1))
+        rules = d.get("layers", [])
+        if not isinstance(rules, list) or not all(isinstance(r, dict) and isinstance(r.get("match"), str) for r in rules):
+            raise RecipeError(f"{origin}: layers must be [[layers]] tables, each with match = \"module name\" and steps")
+        layers = [LayerRule(r["match"], _steps_from(r.get("steps", []), f"{origin}: layers[{i}]"))
+                  for i, r in enumerate(rules)]
+        return cls(steps=_steps_from(d.get("steps", []), origin), exclude=exclude, name=d.get("name", origin),
+                   version=d.get("version", 1), layers=layers)
+
+
+def _steps_to_dicts(steps) -> list[dict]:
+    return [{"step": s.name, **asdict(s)} for s in steps]
+
+
+def _steps_from(raw_steps, origin: str) -> tuple:
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise RecipeError(f"{origin}: no steps; add at least one [[steps]] table")
+    steps = []
+    for i, raw in enumerate(raw_steps):
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{origin}: steps[{i}] must be a table")
+        raw = dict(raw)
+        kind = raw.pop("step", None)
+        if kind not in STEPS:
+            raise RecipeError(f"{origin}: steps[{i}].step = {kind!r}; known steps: {', '.join(STEPS)}")
+        cls_ = STEPS[kind]
+        allowed = {f.name for f in fields(cls_)}
+        bad = set(raw) - allowed
+        if bad:
+            raise RecipeError(f"{origin}: {kind} has no parameter(s) {sorted(bad)}; it takes {sorted(allowed)}")
+        steps.append(cls_(**raw))
+    return tuple(steps)
 
 
 def presets() -> list[str]:
@@ -117,7 +156,7 @@ def target_weights(module: nn.Module, exclude: tuple[str, ...] = ()) -> list[tup
             raise SquashError(f"exclude names {e!r}, which is not a module of this model; see `squash inspect`")
     out = []
     for name, m in module.named_modules():
-        if isinstance(m, TARGET_TYPES) and not any(name == e or name.startswith(e + ".") for e in exclude):
+        if isinstance(m, TARGET_TYPES) and not any(matches(name, e) for e in exclude):
             out.append((name, m))
     return out
 
@@ -146,6 +185,10 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
     check_finite(model.module)
     module = copy.deepcopy(model.module)
     targets = target_weights(module, recipe.exclude)
+    for rule in recipe.layers:
+        if not any(matches(n, rule.match) for n, _ in targets):
+            raise SquashError(f"layers rule match = {rule.match!r} names no compressible module of this model; "
+                              "see `squash inspect` for the names")
     if not targets:
         raise SquashError(f"{model.name} has no Linear, Conv or Embedding layer to compress")
     groups: dict[int, list[tuple[str, nn.Module]]] = {}  # tied layers share one weight: one group
@@ -161,7 +204,7 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         h = next((hessian[n] for n, _ in members if n in hessian), None)
         w = first.weight.data
         ct = None
-        for step in recipe.steps:
+        for step in recipe.steps_for([n for n, _ in members]):
             ct = step(w, ct, h)
         ct.extra["sqnr_db"] = sqnr_db(w, ct.dequantize())
         weight = CompressedWeight(ct)

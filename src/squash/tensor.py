@@ -1,9 +1,10 @@
 """The one compressed-tensor type every step speaks.
 
-    W ≈ s · (G[c] − z) + U·V + S
+    W ≈ s · (G[c] − z) · diag(r) + U·V + S
 
 codes c index a grid G of levels (the integers 0 … 2^bits − 1 when `grid` is None; a logarithmic or NF4 grid
-otherwise), s and z are a scale and zero point per block, U·V a low-rank term and S sparse outliers kept in float.
+otherwise), s and z are a scale and zero point per block, r an optional scale per input column (the exact
+inverse of an activation-aware scaling applied before quantizing), U·V a low-rank term and S sparse outliers kept in float.
 A field left empty drops its term; with no codes at all, W ≈ U·V + S (a pure low-rank factorisation).
 
 A weight of any shape is seen as a matrix (rows = output channels, cols = everything else, the way
@@ -28,7 +29,7 @@ import torch
 
 @dataclass
 class CompressedTensor:
-    """A float tensor stored as W ≈ s·(G[c] − z) + U·V + S.
+    """A float tensor stored as W ≈ s·(G[c] − z)·diag(r) + U·V + S.
 
     shape:   the original tensor's shape
     bits:    code width, 2…8 (0 when there are no codes)
@@ -37,6 +38,7 @@ class CompressedTensor:
     scale:   float32 or float16, (ceil(rows / block_rows), ceil(cols / block_cols))
     zero:    like scale (float), or uint8 integer zero points (stored packed at `bits`), or None: symmetric
     grid:    float32 levels (2^bits,) that codes index; None for the integer grid
+    col_scale: r, float16 (cols,): multiplies each column of the quantized part; None for r = 1
     u, v:    low-rank factors (rows, r) and (r, cols), float16 or float32
     sparse_index, sparse_value:  flat positions (int32) in the matrix view and their float values, added last
     """
@@ -48,13 +50,14 @@ class CompressedTensor:
     scale: torch.Tensor | None
     zero: torch.Tensor | None = None
     grid: torch.Tensor | None = None
+    col_scale: torch.Tensor | None = None
     u: torch.Tensor | None = None
     v: torch.Tensor | None = None
     sparse_index: torch.Tensor | None = None
     sparse_value: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)  # step-specific metadata kept in the file header (JSON-able)
 
-    ARRAYS = ("codes", "scale", "zero", "grid", "u", "v", "sparse_index", "sparse_value")
+    ARRAYS = ("codes", "scale", "zero", "grid", "col_scale", "u", "v", "sparse_index", "sparse_value")
 
     @property
     def symmetric(self) -> bool:
@@ -85,7 +88,7 @@ class CompressedTensor:
         return self.grid.to(dtype)[self.codes.long()]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Ŵ = s·(G[c] − z) + U·V + S, reshaped to the original shape.
+        """Ŵ = s·(G[c] − z)·diag(r) + U·V + S, reshaped to the original shape.
 
         Works on the block view (R, br, C, bc) so each scale broadcasts over its block without being copied.
         """
@@ -102,6 +105,8 @@ class CompressedTensor:
             s = self.scale.to(dtype)[:, None, :, None]
             z = self.midpoint() if self.zero is None else self.zero.to(dtype)[:, None, :, None]
             w = ((c - z) * s).reshape(R * br, C * bc)[:rows, :cols]
+            if self.col_scale is not None:
+                w = w * self.col_scale.to(dtype)
         if self.u is not None:
             w = w + self.u.to(dtype) @ self.v.to(dtype)
         if self.sparse_index is not None:
@@ -111,7 +116,7 @@ class CompressedTensor:
     def stored_bytes(self) -> int:
         """Bytes this tensor occupies on disk: packed codes, scales, zeros, grid, factors, outliers."""
         n = math.ceil(self.numel * self.bits / 8) if self.codes is not None else 0
-        for t in (self.scale, self.grid, self.u, self.v, self.sparse_index, self.sparse_value):
+        for t in (self.scale, self.grid, self.col_scale, self.u, self.v, self.sparse_index, self.sparse_value):
             if t is not None:
                 n += t.numel() * t.element_size()
         if self.zero is not None:

@@ -85,7 +85,8 @@ def _dequantize_rows(ct: CompressedTensor, rows: torch.Tensor) -> torch.Tensor:
     bc = ct.block[1]
     s = ct.scale[rows].repeat_interleave(bc, dim=1)[:, :dim]
     z = ct.zero_point()[rows].repeat_interleave(bc, dim=1)[:, :dim]
-    return s.float() * (ct.codes[rows].float() - z.float())
+    w = s.float() * (ct.codes[rows].float() - z.float())
+    return w if ct.col_scale is None else w * ct.col_scale.float()
 
 
 class QConv(nn.Module):

@@ -56,6 +56,11 @@ class Quantize:
     zero_dtype:  "float" or "int" (asymmetric: an integer zero point stored packed at `bits`)
     activations: 0, or 8 for W8A8 (per-token int8 activations at run time)
     damp:        GPTQ's dampening, a fraction of mean(diag H) added to the diagonal
+    act_order:   GPTQ visits columns by decreasing H_jj (the most driven inputs first, while the most columns are
+                 left to absorb their error); group scales are then fixed up front from the original weights
+    act_scale:   activation-aware scaling (AWQ: Lin et al. 2024): quantize W·diag(t) with t_j = d_j^α, d_j the RMS
+                 of input channel j and α searched per layer, and store r = 1/t so that Ŵ = Q(W·diag(t))·diag(r)
+                 exactly undoes it; salient input channels get a finer grid. Needs calibration data.
     """
 
     bits: int = 8
@@ -68,6 +73,8 @@ class Quantize:
     zero_dtype: str = "float"
     activations: int = 0
     damp: float = 0.01
+    act_order: bool = False
+    act_scale: bool = False
 
     name: ClassVar[str] = "quantize"
 
@@ -90,12 +97,16 @@ class Quantize:
             raise RecipeError("quantize.clip = 'hqq' optimises a float zero point: set symmetric = false, zero_dtype = 'float'")
         if self.activations not in (0, 8):
             raise RecipeError(f"quantize.activations = {self.activations!r}: 0 (weights only) or 8 (W8A8)")
+        if not isinstance(self.act_scale, bool):
+            raise RecipeError(f"quantize.act_scale = {self.act_scale!r}: must be true or false")
+        if not isinstance(self.act_order, bool):
+            raise RecipeError(f"quantize.act_order = {self.act_order!r}: must be true or false")
         if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1):
             raise RecipeError(f"quantize.damp = {self.damp!r}: a fraction between 0 and 1, such as 0.01")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.rounding == "gptq" or self.clip == "mse"
+        return self.rounding == "gptq" or self.clip == "mse" or self.act_scale
 
     def block_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         block = BLOCK_NAMES[self.block] if isinstance(self.block, str) else (1, self.block)
@@ -138,17 +149,47 @@ def quantize(w: torch.Tensor, config: Quantize, ct: CompressedTensor | None = No
     if h is not None and h.shape != (cols, cols):
         h = None  # a Hessian of another shape (conv, embedding) does not apply
     grid = grid_levels(config.grid, config.bits)
+    col_scale = None
+    if config.act_scale and h is not None:
+        col_scale = (1.0 / activation_scale(w2d, h, config, grid)).half()  # r = 1/t, stored in float16
+        t = 1.0 / col_scale.float()  # the stored r inverted exactly, so that Ŵ = Q(W·t)·r holds as written
+        w2d, h = w2d * t, h / torch.outer(t, t)  # X·Wᵀ = (X/t)·(W·t)ᵀ
     if config.rounding == "gptq" and h is not None and block[0] in (1, rows):
         codes, scale, zero = _gptq(w2d, h, config, block, grid)
     else:
         codes, scale, zero = _nearest(w2d, config, block, grid, None if h is None else torch.diag(h))
     out = CompressedTensor(shape=shape, bits=config.bits, block=block, codes=codes.to(torch.uint8), scale=scale,
-                           zero=zero, grid=grid)
+                           zero=zero, grid=None if grid is None else grid.clone(), col_scale=col_scale)
     if ct is not None:
         out.sparse_index, out.sparse_value = ct.sparse_index, ct.sparse_value
     if config.activations:
         out.extra["activation_bits"] = config.activations
     return out
+
+
+AWQ_ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+
+
+def activation_scale(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, grid) -> torch.Tensor:
+    """t = d^α (geometric mean 1), d_j = sqrt(H_jj): α minimising the output error tr(E·H·Eᵀ) of plain rounding,
+    E = W − Q(W·diag(t))·diag(1/t). α = 0 (no scaling) is among the candidates, so it never does worse."""
+    d = torch.diag(h).float().clamp(min=1e-12).sqrt()
+    d = d / d.log().mean().exp()
+    rows, cols = w2d.shape
+    block = config.block_shape((rows, cols))
+    plain = Quantize(bits=config.bits, block=config.block, symmetric=config.symmetric, grid=config.grid,
+                     scale_dtype=config.scale_dtype, zero_dtype=config.zero_dtype)
+    best, best_err = torch.ones(cols), float("inf")
+    for alpha in AWQ_ALPHAS:
+        t = d.pow(alpha)
+        codes, s, z = _nearest(w2d * t, plain, block, grid, None)
+        ct = CompressedTensor(shape=(rows, cols), bits=config.bits, block=block, codes=codes.to(torch.uint8),
+                              scale=s, zero=z, grid=grid)
+        e = w2d - ct.dequantize() / t
+        err = ((e @ h) * e).sum().item()
+        if err < best_err:
+            best, best_err = t, err
+    return best
 
 
 def _scales(blocks: torch.Tensor, config: Quantize, grid, col_weight: torch.Tensor | None):
@@ -179,7 +220,8 @@ def _nearest(w2d: torch.Tensor, config: Quantize, block, grid, h_diag: torch.Ten
 
 
 def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid):
-    """GPTQ with lazy batch updates; scales per group chosen on the updated weights as the walk reaches them."""
+    """GPTQ with lazy batch updates. Natural order: group scales chosen on the updated weights as the walk reaches
+    each group. Act order: columns visited by decreasing H_jj, scales fixed up front (static groups)."""
     rows, cols = w2d.shape
     br, bc = block
     W = w2d.clone()
@@ -188,8 +230,10 @@ def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid):
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H += config.damp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # H⁻¹ = UᵀU
     h_diag = torch.diag(H).float()
+    perm = torch.argsort(h_diag, descending=True) if config.act_order else torch.arange(cols)
+    H = H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # H⁻¹ = UᵀU
 
     n_groups = math.ceil(cols / bc)
     R = 1 if br == rows else rows
@@ -207,18 +251,23 @@ def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid):
         if zero is not None:
             zero[:, g] = z[:, 0]
 
-    step = bc * max(1, 128 // bc) if bc < cols else 128  # lazy-batch width, whole groups
-    if bc >= cols:
+    if config.act_order:  # static groups: every scale chosen now, from the original weights
+        for g in range(n_groups):
+            choose(g, W[:, g * bc : (g + 1) * bc])
+    elif bc >= cols:
         choose(0, W)
+    W = W[:, perm]  # (rows, cols) in visiting order
+    lazy_groups = not config.act_order and bc < cols
+    step = bc * max(1, 128 // bc) if lazy_groups else 128  # lazy-batch width, whole groups
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            j = i1 + i
+            j = int(perm[i1 + i])  # the original column
             g = j // bc
-            if bc < cols and j % bc == 0:
+            if lazy_groups and j % bc == 0:
                 choose(g, W1[:, i : i + min(bc, i2 - j)])
             s = scale[:, g].float().expand(rows) if R == 1 else scale[:, g].float()
             z = midpoint(config.bits, config.symmetric, grid) if zero is None else (
