@@ -38,7 +38,7 @@ class HessianHook:
         return self.h
 
 
-def calibration_batches(model, samples: int = 64, seq_len: int = 512) -> list[dict]:
+def calibration_batches(model, samples: int = 32, seq_len: int = 512) -> list[dict]:
     """Inputs drawn from the calibration text only: token windows (LM), paragraph batches (encoder), or the
     training images (classifier)."""
     from squash.models import tokenizer_for
@@ -51,7 +51,7 @@ def calibration_batches(model, samples: int = 64, seq_len: int = 512) -> list[di
         return [{"input_ids": w[None]} for w in windows]
     if model.kind == "encoder":
         tok = tokenizer_for(model)
-        texts = paragraphs(calibration_text())[: samples * 8]
+        texts = paragraphs(calibration_text())[: samples * 16]
         return [dict(tok(texts[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
                 for i in range(0, len(texts), 32)]
     if model.kind == "classifier":

@@ -47,13 +47,16 @@ class LayerRule:
 @dataclass(frozen=True)
 class Recipe:
     """An ordered list of steps applied to every target weight; `layers` rules override them per module
-    (the first rule that matches wins); `exclude` leaves modules in float."""
+    (the first rule that matches wins); `exclude` leaves modules in float, and so does `min_weights` for layers
+    too small to be worth compressing (a token-type embedding of 2 rows is added to every token: its error is
+    a bias on the whole model, and compressing it saves nothing)."""
 
     steps: tuple
     exclude: tuple[str, ...] = ()
     name: str = "custom"
     version: int = 1
     layers: tuple[LayerRule, ...] = ()
+    min_weights: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -75,7 +78,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "version": self.version, "exclude": list(self.exclude),
-               "steps": _steps_to_dicts(self.steps)}
+               "min_weights": self.min_weights, "steps": _steps_to_dicts(self.steps)}
         if self.layers:
             out["layers"] = [{"match": r.match, "steps": _steps_to_dicts(r.steps)} for r in self.layers]
         return out
@@ -84,7 +87,7 @@ class Recipe:
     def from_dict(cls, d: dict, origin: str = "recipe") -> Recipe:
         if not isinstance(d, dict):
             raise RecipeError(f"{origin}: a recipe must be a table")
-        unknown = set(d) - {"name", "version", "exclude", "steps", "description", "layers"}
+        unknown = set(d) - {"name", "version", "exclude", "steps", "description", "layers", "min_weights"}
         if unknown:
             raise RecipeError(f"{origin}: unknown recipe key(s) {sorted(unknown)}; allowed: name, exclude, steps, layers")
         exclude = d.get("exclude", [])
@@ -95,8 +98,11 @@ class Recipe:
             raise RecipeError(f"{origin}: layers must be [[layers]] tables, each with match = \"module name\" and steps")
         layers = [LayerRule(r["match"], _steps_from(r.get("steps", []), f"{origin}: layers[{i}]"))
                   for i, r in enumerate(rules)]
+        min_weights = d.get("min_weights", 0)
+        if isinstance(min_weights, bool) or not isinstance(min_weights, int) or min_weights < 0:
+            raise RecipeError(f"{origin}: min_weights = {min_weights!r}: a non-negative integer")
         return cls(steps=_steps_from(d.get("steps", []), origin), exclude=exclude, name=d.get("name", origin),
-                   version=d.get("version", 1), layers=layers)
+                   version=d.get("version", 1), layers=layers, min_weights=min_weights)
 
 
 def _steps_to_dicts(steps) -> list[dict]:
@@ -148,15 +154,16 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 # ---------------------------------------------------------------- walking the model
 
 
-def target_weights(module: nn.Module, exclude: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
-    """(module name, module) for every Linear, Conv and Embedding not excluded, in model order."""
+def target_weights(module: nn.Module, exclude: tuple[str, ...] = (), min_weights: int = 0) -> list[tuple[str, nn.Module]]:
+    """(module name, module) for every Linear, Conv and Embedding not excluded nor smaller than min_weights."""
     names = {n for n, _ in module.named_modules()}
     for e in exclude:
         if e not in names:
             raise SquashError(f"exclude names {e!r}, which is not a module of this model; see `squash inspect`")
     out = []
     for name, m in module.named_modules():
-        if isinstance(m, TARGET_TYPES) and not any(matches(name, e) for e in exclude):
+        if (isinstance(m, TARGET_TYPES) and not any(matches(name, e) for e in exclude)
+                and m.weight.numel() >= min_weights):
             out.append((name, m))
     return out
 
@@ -184,7 +191,7 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         raise SquashError(f"{model.name} is already compressed; compress its float source instead")
     check_finite(model.module)
     module = copy.deepcopy(model.module)
-    targets = target_weights(module, recipe.exclude)
+    targets = target_weights(module, recipe.exclude, recipe.min_weights)
     for rule in recipe.layers:
         if not any(matches(n, rule.match) for n, _ in targets):
             raise SquashError(f"layers rule match = {rule.match!r} names no compressible module of this model; "

@@ -36,7 +36,8 @@ class CompressedTensor:
     block:   (block_rows, block_cols) on the matrix view, both ≥ 1 and already resolved against the shape
     codes:   uint8, the matrix view (rows, cols), each value in [0, 2^bits − 1]; None for a pure low-rank tensor
     scale:   float32 or float16, (ceil(rows / block_rows), ceil(cols / block_cols))
-    zero:    like scale (float), or uint8 integer zero points (stored packed at `bits`), or None: symmetric
+    zero:    like scale (float), or uint8 fixed-point zero points z = zero / 2^zero_frac (stored packed at
+             bits + zero_frac bits), or None: symmetric
     grid:    float32 levels (2^bits,) that codes index; None for the integer grid
     col_scale: r, float16 (cols,): multiplies each column of the quantized part; None for r = 1
     u, v:    low-rank factors (rows, r) and (r, cols), float16 or float32
@@ -55,6 +56,7 @@ class CompressedTensor:
     v: torch.Tensor | None = None
     sparse_index: torch.Tensor | None = None
     sparse_value: torch.Tensor | None = None
+    zero_frac: int = 0
     extra: dict = field(default_factory=dict)  # step-specific metadata kept in the file header (JSON-able)
 
     ARRAYS = ("codes", "scale", "zero", "grid", "col_scale", "u", "v", "sparse_index", "sparse_value")
@@ -78,7 +80,7 @@ class CompressedTensor:
     def zero_point(self) -> torch.Tensor:
         """z per block (R, C)."""
         if self.zero is not None:
-            return self.zero.float()
+            return self.zero.float() if self.zero.dtype.is_floating_point else self.zero.float() / 2**self.zero_frac
         return torch.full(self.scale.shape, self.midpoint(), dtype=torch.float32, device=self.scale.device)
 
     def levels(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -103,7 +105,7 @@ class CompressedTensor:
                 c = torch.nn.functional.pad(c, (0, C * bc - cols, 0, R * br - rows))
             c = c.reshape(R, br, C, bc)  # (R, br, C, bc)
             s = self.scale.to(dtype)[:, None, :, None]
-            z = self.midpoint() if self.zero is None else self.zero.to(dtype)[:, None, :, None]
+            z = self.midpoint() if self.zero is None else self.zero_point().to(dtype)[:, None, :, None]
             w = ((c - z) * s).reshape(R * br, C * bc)[:rows, :cols]
             if self.col_scale is not None:
                 w = w * self.col_scale.to(dtype)
@@ -122,8 +124,8 @@ class CompressedTensor:
         if self.zero is not None:
             if self.zero.dtype.is_floating_point:
                 n += self.zero.numel() * self.zero.element_size()
-            else:  # integer zero points are packed at the code width
-                n += math.ceil(self.zero.numel() * self.bits / 8)
+            else:  # fixed-point zero points are packed at bits + zero_frac
+                n += math.ceil(self.zero.numel() * (self.bits + self.zero_frac) / 8)
         return n
 
     def bits_per_weight(self) -> float:

@@ -37,13 +37,15 @@ def arrays_of(model: Model) -> tuple[dict[str, torch.Tensor], dict]:
         present = [f for f in CompressedTensor.ARRAYS if getattr(ct, f) is not None]
         for f in present:
             t = getattr(ct, f)
-            if f == "codes" or (f == "zero" and not t.dtype.is_floating_point):
-                t = pack_codes(t, ct.bits)  # integer zero points are packed like codes
+            if f == "codes":
+                t = pack_codes(t, ct.bits)
+            elif f == "zero" and not t.dtype.is_floating_point:  # fixed-point zero points, packed like codes
+                t = pack_codes(t, ct.bits + ct.zero_frac)
             arrays[f"{name}.{f}"] = t.contiguous()
         entries[name] = {"encoding": _encoding(ct), "shape": list(ct.shape), "bits": ct.bits,
                          "block": list(ct.block), "symmetric": ct.symmetric, "arrays": present,
                          "zero": None if ct.zero is None else ("float" if ct.zero.dtype.is_floating_point else "int"),
-                         "stored_bytes": ct.stored_bytes(), "extra": ct.extra}
+                         "zero_frac": ct.zero_frac, "stored_bytes": ct.stored_bytes(), "extra": ct.extra}
     state, aliases = float_state(model.module)
     for name, t in state.items():
         arrays[name] = t.detach().contiguous()
@@ -185,10 +187,11 @@ def _tensor_from(name: str, entry: dict, arrays: dict[str, torch.Tensor]) -> Com
         fields["codes"] = unpack_codes(packed, bits, math.prod(shape)).reshape(rows, cols)
     if entry.get("zero") == "int":
         n = fields["scale"].numel()
-        fields["zero"] = unpack_codes(fields["zero"], bits, n).reshape(fields["scale"].shape)
+        fields["zero"] = unpack_codes(fields["zero"], bits + int(entry.get("zero_frac", 0)), n).reshape(fields["scale"].shape)
     fields.setdefault("codes", None)
     fields.setdefault("scale", None)
-    return CompressedTensor(shape=shape, bits=bits, block=tuple(entry["block"]), extra=entry.get("extra", {}), **fields)
+    return CompressedTensor(shape=shape, bits=bits, block=tuple(entry["block"]), extra=entry.get("extra", {}),
+                            zero_frac=int(entry.get("zero_frac", 0)), **fields)
 
 
 def _digest(arrays: dict[str, torch.Tensor]) -> str:

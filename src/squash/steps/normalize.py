@@ -3,7 +3,8 @@
 Symmetric absmax (integer grid, z fixed at the midpoint 2^(b−1), levels ±(2^(b−1) − 1); custom grid in [−1, 1]):
     s = α · max|w| / (2^(b−1) − 1)            s = α · max|w|   on a custom grid
 Asymmetric min/max (levels 0 … 2^b − 1):
-    s = α · (max w − min w) / (2^b − 1),   z = −α · min w / s    (z rounded to an integer when stored as one)
+    s = α · (max w − min w) / (2^b − 1),   z = −α · min w / s    (z rounded to a multiple of 2^−f when stored
+                                                                as an unsigned fixed-point number, f = 0: an integer)
 
 α = 1 is plain absmax / min-max. Clipping (α < 1) trades a larger error on the few largest weights for a finer
 grid on all the others; `clip_search` picks α per block minimising the block's (optionally weighted) error
@@ -21,7 +22,7 @@ CLIP_RATIOS = torch.linspace(1.0, 0.5, 11).tolist()
 
 
 def scale_zero(blocks: torch.Tensor, bits: int, symmetric: bool, alpha: torch.Tensor | float = 1.0,
-               custom_grid: bool = False, integer_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               custom_grid: bool = False, zero_frac: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point per block for (…, n) blocks (NaN padding ignored); α may be per block (…)."""
     w = blocks.nan_to_num(nan=0.0)
     if symmetric:
@@ -33,7 +34,10 @@ def scale_zero(blocks: torch.Tensor, bits: int, symmetric: bool, alpha: torch.Te
     s = (hi - lo) / (2**bits - 1)
     s = torch.where(s > 0, s, torch.ones_like(s))
     z = -lo / s
-    return s, (torch.round(z).clamp(0, 2**bits - 1) if integer_zero else z)
+    if zero_frac is None:
+        return s, z
+    step = 2.0**-zero_frac  # a fixed-point zero point: multiples of 2^−zero_frac (1: an integer)
+    return s, (torch.round(z / step) * step).clamp(0, min(2**bits - 1, 255 * step))
 
 
 def round_to_grid(x: torch.Tensor, bits: int, symmetric: bool, grid: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,7 +63,7 @@ def midpoint(bits: int, symmetric: bool, grid: torch.Tensor | None) -> float:
 
 
 def clip_search(blocks: torch.Tensor, bits: int, symmetric: bool, weight: torch.Tensor | None = None,
-                grid: torch.Tensor | None = None, integer_zero: bool = False,
+                grid: torch.Tensor | None = None, zero_frac: int | None = None,
                 ratios: list[float] = CLIP_RATIOS) -> torch.Tensor:
     """Per-block α from `ratios` minimising Σ d_j (w_j − ŵ_j)²; blocks (…, n), weight d broadcastable to it."""
     w = blocks.nan_to_num(nan=0.0)
@@ -68,7 +72,7 @@ def clip_search(blocks: torch.Tensor, bits: int, symmetric: bool, weight: torch.
     best_err = torch.full(blocks.shape[:-1], float("inf"))
     best = torch.ones(blocks.shape[:-1])
     for a in ratios:
-        s, z = scale_zero(blocks, bits, symmetric, a, grid is not None, integer_zero)
+        s, z = scale_zero(blocks, bits, symmetric, a, grid is not None, zero_frac)
         z = midpoint(bits, symmetric, grid) if z is None else z
         err = ((w - fake_quantize(w, s, z, bits, symmetric, grid)) ** 2 * d).sum(-1)
         better = err < best_err

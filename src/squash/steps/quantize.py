@@ -38,7 +38,7 @@ CHOICES = {
     "clip": ("absmax", "mse", "hqq"),
     "rounding": ("nearest", "gptq"),
     "scale_dtype": ("float32", "float16"),
-    "zero_dtype": ("float", "int"),
+    "zero_dtype": ("float", "int", "fixed8"),
 }
 
 
@@ -53,7 +53,8 @@ class Quantize:
                  calibration data is given), "hqq" (data-free zero-point optimisation; asymmetric, float zero)
     rounding:    "nearest" or "gptq" (needs calibration data; Linear layers; others fall back to nearest)
     scale_dtype: "float32" or "float16" (what is stored)
-    zero_dtype:  "float" or "int" (asymmetric: an integer zero point stored packed at `bits`)
+    zero_dtype:  asymmetric zero point stored as "float" (scale_dtype), "int" (an integer packed at `bits`) or
+                 "fixed8" (8 bits, of which 8 − bits fractional: z in steps of 2^(bits−8))
     activations: 0, or 8 for W8A8 (per-token int8 activations at run time)
     damp:        GPTQ's dampening, a fraction of mean(diag H) added to the diagonal
     act_order:   GPTQ visits columns by decreasing H_jj (the most driven inputs first, while the most columns are
@@ -159,6 +160,7 @@ def quantize(w: torch.Tensor, config: Quantize, ct: CompressedTensor | None = No
     else:
         codes, scale, zero = _nearest(w2d, config, block, grid, None if h is None else torch.diag(h))
     out = CompressedTensor(shape=shape, bits=config.bits, block=block, codes=codes.to(torch.uint8), scale=scale,
+                           zero_frac=zero_frac(config) or 0,
                            zero=zero, grid=None if grid is None else grid.clone(), col_scale=col_scale)
     if ct is not None:
         out.sparse_index, out.sparse_value = ct.sparse_index, ct.sparse_value
@@ -192,18 +194,25 @@ def activation_scale(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, grid)
     return best
 
 
+def zero_frac(config: Quantize) -> int | None:
+    """Fractional bits of a fixed-point zero point; None for a float zero (or none at all)."""
+    if config.symmetric or config.zero_dtype == "float":
+        return None
+    return 0 if config.zero_dtype == "int" else 8 - config.bits
+
+
 def _scales(blocks: torch.Tensor, config: Quantize, grid, col_weight: torch.Tensor | None):
     """(s, z) per block for (…, n) blocks, stored dtypes applied; z None when symmetric."""
-    int_zero = not config.symmetric and config.zero_dtype == "int"
+    frac = zero_frac(config)
     alpha = 1.0
     if config.clip == "mse":
-        alpha = clip_search(blocks, config.bits, config.symmetric, col_weight, grid, int_zero)
-    s, z = scale_zero(blocks, config.bits, config.symmetric, alpha, grid is not None, int_zero)
+        alpha = clip_search(blocks, config.bits, config.symmetric, col_weight, grid, frac)
+    s, z = scale_zero(blocks, config.bits, config.symmetric, alpha, grid is not None, frac)
     if config.clip == "hqq":
         z = hqq_zero(blocks, s, z, config.bits)
     s = s.to(getattr(torch, config.scale_dtype))
     if z is not None:
-        z = z.to(torch.uint8) if int_zero else z.to(getattr(torch, config.scale_dtype))
+        z = torch.round(z * 2**frac).to(torch.uint8) if frac is not None else z.to(getattr(torch, config.scale_dtype))
     return s, z
 
 
@@ -214,7 +223,8 @@ def _nearest(w2d: torch.Tensor, config: Quantize, block, grid, h_diag: torch.Ten
     if h_diag is not None:
         col_weight = to_blocks(h_diag.float().expand(rows, cols).contiguous(), block).nan_to_num(nan=0.0)
     s, z = _scales(blocks, config, grid, col_weight)
-    zf = midpoint(config.bits, config.symmetric, grid) if z is None else z.float()[..., None]
+    zf = midpoint(config.bits, config.symmetric, grid) if z is None else (
+        z.float() / 2 ** (zero_frac(config) or 0))[..., None]
     c = round_to_grid(blocks / s.float()[..., None] + zf, config.bits, config.symmetric, grid)
     return from_blocks(c.nan_to_num(nan=0.0), block, rows, cols), s, z
 
@@ -238,8 +248,10 @@ def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid):
     n_groups = math.ceil(cols / bc)
     R = 1 if br == rows else rows
     scale = torch.empty(R, n_groups, dtype=getattr(torch, config.scale_dtype))
-    zero = None if config.symmetric else torch.empty(R, n_groups, dtype=torch.uint8 if config.zero_dtype == "int"
+    frac = zero_frac(config)
+    zero = None if config.symmetric else torch.empty(R, n_groups, dtype=torch.uint8 if frac is not None
                                                      else getattr(torch, config.scale_dtype))
+    zdiv = 2.0 ** (frac or 0) if frac is not None else 1.0
     codes = torch.empty(rows, cols, dtype=torch.uint8)
 
     def choose(g: int, cols_now: torch.Tensor) -> None:
@@ -271,7 +283,7 @@ def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid):
                 choose(g, W1[:, i : i + min(bc, i2 - j)])
             s = scale[:, g].float().expand(rows) if R == 1 else scale[:, g].float()
             z = midpoint(config.bits, config.symmetric, grid) if zero is None else (
-                zero[:, g].float().expand(rows) if R == 1 else zero[:, g].float())
+                zero[:, g].float().expand(rows) if R == 1 else zero[:, g].float()) / zdiv
             w = W1[:, i]
             c = round_to_grid(w / s + z, config.bits, config.symmetric, grid)
             codes[:, j] = c.to(torch.uint8)
