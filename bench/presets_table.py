@@ -45,6 +45,19 @@ def quality_cell(r: dict) -> str:
     return f"accuracy {100 * q['accuracy']:.2f}% vs {100 * q['accuracy_float']:.2f}% ({100 * (q['accuracy'] - q['accuracy_float']):+.2f} pt)"
 
 
+PROMPT = "What is a Python dictionary? Answer in one sentence."
+
+
+@torch.inference_mode()
+def continuation(model, tokenizer, max_new_tokens: int = 40) -> str:
+    """Greedy answer to a fixed chat prompt: does the compressed model still talk sense?"""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, repetition_penalty=1.1, pad_token_id=tokenizer.eos_token_id)
+    return " ".join(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "minilm-l6", "digits-cnn"])
@@ -62,6 +75,8 @@ def main() -> int:
                 path = squash.save(small, Path(tmp) / f"{name}-{recipe_name}.squash")
                 report = squash.evaluate(small, model, EvalSize())
                 report.update(file_bytes=path.stat().st_size, compress_seconds=seconds)
+                if model.kind == "causal-lm":
+                    report["sample"] = continuation(small, model.tokenizer)
                 rows.append(report)
                 print(f"{name} {recipe_name}: {quality_cell(report)}", file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
@@ -82,6 +97,10 @@ def main() -> int:
             f"{100 * r['file_bytes'] / r['float_weight_bytes']:.1f}% | {quality_cell(r)} | "
             f"{lat['float']['median_ms']:.1f} → {lat['compressed']['median_ms']:.1f} ms | {r['compress_seconds']:.1f} s |"
         )
+    samples = [r for r in rows if "sample" in r]
+    if samples:
+        lines += ["", f"Greedy answers to “{PROMPT}” (40 new tokens):", ""]
+        lines += [f"- **{r['model']} {r['recipe']}**: {r['sample']}" for r in samples]
     (RESULTS / "presets.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

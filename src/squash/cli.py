@@ -178,8 +178,22 @@ def _eval_size(args):
 
 
 def _encoding(e: dict) -> str:
-    sym = "symmetric" if e["symmetric"] else "asymmetric"
-    return f"uniform int{e['bits']} {sym}, block {e['block'][0]}×{e['block'][1]}"
+    """One phrase for a tensor's encoding, e.g. 'int4 asymmetric, block 1×64 + 0.3% outliers + rank 8'."""
+    arrays = e.get("arrays", ["codes"])
+    parts = []
+    if "codes" in arrays:
+        grid = {"uniform": f"int{e['bits']}", "grid": f"{e['bits']}-bit grid"}[e["encoding"]]
+        sym = "symmetric" if e["symmetric"] else "asymmetric"
+        parts.append(f"{grid} {sym}, block {e['block'][0]}×{e['block'][1]}")
+    if "col_scale" in arrays:
+        parts.append("activation-scaled")
+    if "sparse_index" in arrays:
+        parts.append("outliers")
+    if "u" in arrays:
+        parts.append(f"rank {e.get('extra', {}).get('rank', '?')}")
+    if e.get("extra", {}).get("activation_bits"):
+        parts.append(f"A{e['extra']['activation_bits']}")
+    return " + ".join(parts)
 
 
 def _mb(n: float) -> str:

@@ -64,6 +64,11 @@ class Recipe:
         object.__setattr__(self, "layers", tuple(self.layers))
         if not self.steps:
             raise RecipeError(f"recipe {self.name!r} has no steps; add at least one [[steps]] table")
+        for steps in (self.steps, *(r.steps for r in self.layers)):
+            names = [s.name for s in steps]
+            if "outliers" in names and "quantize" in names and names.index("outliers") > names.index("quantize"):
+                raise RecipeError(f"recipe {self.name!r}: outliers must come before quantize (the grid is fitted to "
+                                  "what is left)")
 
     @property
     def needs_calibration(self) -> bool:
