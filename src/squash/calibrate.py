@@ -23,6 +23,7 @@ class HessianHook:
 
     def __init__(self, layer: nn.Linear, shared: dict):
         self.h = torch.zeros(layer.in_features, layer.in_features)
+        self.tokens = 0
         self.shared = shared
         self.handle = layer.register_forward_pre_hook(self)
 
@@ -32,6 +33,7 @@ class HessianHook:
             flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
             self.shared.update(x=x, xtx=flat.T @ flat)
         self.h += self.shared["xtx"]
+        self.tokens += x.numel() // x.shape[-1]
 
     def remove(self) -> torch.Tensor:
         self.handle.remove()
@@ -48,7 +50,7 @@ def calibration_batches(model, samples: int = 32, seq_len: int = 512) -> list[di
         ids = tok(calibration_text(), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         n = min(samples, len(ids) // seq_len)
         windows = ids[: n * seq_len].reshape(n, seq_len)  # (n, T)
-        return [{"input_ids": w[None]} for w in windows]
+        return [{"input_ids": w[None], "use_cache": False} for w in windows]  # a cache would leak across runs
     if model.kind == "encoder":
         tok = tokenizer_for(model)
         texts = paragraphs(calibration_text())[: samples * 16]
@@ -83,6 +85,8 @@ def block_inputs(module: nn.Module, first: nn.Module, batches: list[dict]) -> li
     captured = []
 
     def grab(_, args, kwargs):
+        # a key/value cache passed along would grow with every re-run of the block: never keep one
+        kwargs = {k: (None if "past_key" in k else v) for k, v in kwargs.items()}
         captured.append((args, kwargs))
         raise _Stop
 
@@ -107,7 +111,8 @@ def hessians(run: Callable[[], None], layers: dict[str, nn.Module]) -> dict[str,
         run()
     finally:
         out = {name: hook.remove() for name, hook in hooks.items()}
-    return out
+    # a layer the calibration data never reached has no statistics: it falls back to rounding to nearest
+    return {name: h for name, h in out.items() if hooks[name].tokens > 0}
 
 
 def first_output(out):

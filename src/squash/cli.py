@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from squash.errors import SquashError
 
@@ -76,9 +77,9 @@ def cmd_compress(args) -> int:
         model = load(args.model)
     with progress_bar(f"compressing ({recipe.name})", args.json) as cb:
         small = compress(model, recipe, progress=cb)
-    save(small, output)
     with progress_bar("evaluating", args.json) as cb:
         report = evaluate(small, model, _eval_size(args), progress=cb)
+    save(small, output)  # last: a run that fails leaves no file behind
     report["file"] = str(output)
     report["file_bytes"] = output.stat().st_size
     _print_report(report, args.json)
@@ -280,12 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     except SquashError as e:
         if args.debug:
             raise
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(Text("error: ", style="red") + Text(str(e)), highlight=False, soft_wrap=True)
         return 2
     except OSError as e:  # a folder that cannot be written, a disk that is full
         if args.debug:
             raise
-        err.print(f"[red]error:[/] {e.strerror or e}: {e.filename or ''}", highlight=False, soft_wrap=True)
+        err.print(Text("error: ", style="red") + Text(f"{e.strerror or e}: {e.filename or ''}"), highlight=False,
+                  soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")

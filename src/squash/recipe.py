@@ -65,10 +65,7 @@ class Recipe:
         if not self.steps:
             raise RecipeError(f"recipe {self.name!r} has no steps; add at least one [[steps]] table")
         for steps in (self.steps, *(r.steps for r in self.layers)):
-            names = [s.name for s in steps]
-            if "outliers" in names and "quantize" in names and names.index("outliers") > names.index("quantize"):
-                raise RecipeError(f"recipe {self.name!r}: outliers must come before quantize (the grid is fitted to "
-                                  "what is left)")
+            _check_order([s.name for s in steps], self.name)
 
     @property
     def needs_calibration(self) -> bool:
@@ -110,6 +107,15 @@ class Recipe:
                    version=d.get("version", 1), layers=layers, min_weights=min_weights)
 
 
+def _check_order(names: list[str], recipe: str) -> None:
+    """outliers, then quantize, then lowrank: each at most once (a later step builds on the earlier ones)."""
+    rank = {"outliers": 0, "quantize": 1, "lowrank": 2}
+    order = [rank[n] for n in names if n in rank]
+    if order != sorted(set(order)):
+        raise RecipeError(f"recipe {recipe!r}: steps {names} out of order; use each of outliers, quantize, lowrank "
+                          "at most once and in that order (outliers must come before quantize)")
+
+
 def _steps_to_dicts(steps) -> list[dict]:
     return [{"step": s.name, **asdict(s)} for s in steps]
 
@@ -148,7 +154,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         path = Path(text)
         if not path.is_file():
             raise RecipeError(f"recipe {text!r} is neither a preset ({', '.join(presets())}) nor a TOML file")
-        data, origin = path.read_text(), str(path)
+        try:
+            data, origin = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"{path}: cannot read this recipe file ({e})") from e
     try:
         parsed = tomllib.loads(data)
     except tomllib.TOMLDecodeError as e:
@@ -288,11 +297,13 @@ def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tu
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    """SQNR = 10·log10(‖W‖² / ‖W − Ŵ‖²) in dB; inf when exact."""
+def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float | None:
+    """SQNR = 10·log10(‖W‖² / ‖W − Ŵ‖²) in dB; None when exact."""
     noise = (w.float() - w_hat.float()).pow(2).sum().item()
     signal = w.float().pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    if noise == 0 or signal == 0:
+        return None  # exact (or all zero): no finite ratio, and JSON has no infinity
+    return 10 * math.log10(signal / noise)
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -78,7 +78,12 @@ def save(model: Model, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(arrays, tmp, metadata={MAGIC: json.dumps(header)})
+        save_file(arrays, tmp, metadata={MAGIC: json.dumps(header, allow_nan=False)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -110,7 +115,37 @@ def read_header(path: str | os.PathLike) -> dict:
     if version > FORMAT_VERSION:
         raise FormatError(f"{path}: written in .squash format {version}, newer than this squash reads "
                           f"({FORMAT_VERSION}); upgrade squash")
+    problem = _header_problem(header)
+    if problem:
+        raise FormatError(f"{path}: corrupt squash header ({problem})")
     return header
+
+
+def _header_problem(h: dict) -> str | None:
+    """What is structurally wrong with a header, or None."""
+    expect = {"model": dict, "source": dict, "tensors": dict, "tied": dict, "float": list, "float_aliases": dict}
+    for key, kind in expect.items():
+        if not isinstance(h.get(key), kind):
+            return f"{key} must be a {kind.__name__}"
+    if not isinstance(h.get("recipe"), (dict, type(None))):
+        return "recipe must be a table"
+    if not isinstance(h["model"].get("kind"), str) or not isinstance(h["model"].get("config"), dict):
+        return "model needs a kind and a config"
+    for name, e in h["tensors"].items():
+        if not isinstance(e, dict):
+            return f"tensor {name!r} is not a table"
+        shape, block, bits = e.get("shape"), e.get("block"), e.get("bits")
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
+            return f"tensor {name!r} has no valid shape"
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            return f"tensor {name!r} has no valid block"
+        if not (isinstance(bits, int) and 0 <= bits <= 8) or not isinstance(e.get("symmetric"), bool):
+            return f"tensor {name!r} has invalid bits or symmetric"
+        if not isinstance(e.get("stored_bytes", 0), int) or not isinstance(e.get("extra", {}), dict):
+            return f"tensor {name!r} has invalid stored_bytes or extra"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in {**h["tied"], **h["float_aliases"]}.items()):
+        return "tied and float_aliases must map names to names"
+    return None
 
 
 def load_squash(path: str | os.PathLike, module: nn.Module | None = None) -> Model:
@@ -127,8 +162,8 @@ def load_squash(path: str | os.PathLike, module: nn.Module | None = None) -> Mod
         raise FormatError(f"{path}: the arrays do not match the header's checksum; the file is corrupt")
     try:
         return _assemble(header, arrays, module)
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{path}: corrupt squash header ({_first_line(e)})") from e
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise FormatError(f"{path}: the header does not fit the arrays or the model ({_first_line(e)})") from e
 
 
 def _assemble(header: dict, arrays: dict[str, torch.Tensor], module: nn.Module | None) -> Model:
@@ -190,8 +225,30 @@ def _tensor_from(name: str, entry: dict, arrays: dict[str, torch.Tensor]) -> Com
         fields["zero"] = unpack_codes(fields["zero"], bits + int(entry.get("zero_frac", 0)), n).reshape(fields["scale"].shape)
     fields.setdefault("codes", None)
     fields.setdefault("scale", None)
+    _check_shapes(name, fields, shape, tuple(entry["block"]), bits)
     return CompressedTensor(shape=shape, bits=bits, block=tuple(entry["block"]), extra=entry.get("extra", {}),
                             zero_frac=int(entry.get("zero_frac", 0)), **fields)
+
+
+def _check_shapes(name: str, f: dict, shape: tuple, block: tuple, bits: int) -> None:
+    """Every array has the shape the header implies, so a damaged header fails here, not in a forward pass."""
+    rows, cols = matrix_shape(shape)
+    blocks = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    want = {"scale": blocks, "zero": blocks, "grid": (2**bits,), "col_scale": (cols,)}
+    for key, expected in want.items():
+        if f.get(key) is not None and tuple(f[key].shape) != expected:
+            raise FormatError(f"tensor {name!r}: {key} has shape {list(f[key].shape)}, expected {list(expected)}")
+    if f["codes"] is not None and f["scale"] is None:
+        raise FormatError(f"tensor {name!r}: codes without scales")
+    if (f.get("u") is None) != (f.get("v") is None):
+        raise FormatError(f"tensor {name!r}: a low-rank term needs both u and v")
+    if f.get("u") is not None:
+        k = f["u"].shape[-1]
+        if tuple(f["u"].shape) != (rows, k) or tuple(f["v"].shape) != (k, cols):
+            raise FormatError(f"tensor {name!r}: u, v shapes {list(f['u'].shape)}, {list(f['v'].shape)} do not fit {rows}×{cols}")
+    idx = f.get("sparse_index")
+    if idx is not None and (idx.numel() != f["sparse_value"].numel() or (idx.numel() and (idx.min() < 0 or idx.max() >= rows * cols))):
+        raise FormatError(f"tensor {name!r}: sparse outliers point outside the tensor")
 
 
 def _digest(arrays: dict[str, torch.Tensor]) -> str:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from squash.errors import SquashError
 from squash.tensor import CompressedTensor
 
 
@@ -98,7 +99,7 @@ class QConv(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(conv.kernel_size)]
         if conv.padding_mode != "zeros":
-            raise ValueError(f"conv padding_mode {conv.padding_mode!r} is not supported; only 'zeros'")
+            raise SquashError(f"conv padding_mode {conv.padding_mode!r} is not supported yet; exclude this layer")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

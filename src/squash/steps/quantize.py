@@ -186,7 +186,7 @@ def activation_scale(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, grid)
         t = d.pow(alpha)
         codes, s, z = _nearest(w2d * t, plain, block, grid, None)
         ct = CompressedTensor(shape=(rows, cols), bits=config.bits, block=block, codes=codes.to(torch.uint8),
-                              scale=s, zero=z, grid=grid)
+                              scale=s, zero=z, grid=grid, zero_frac=zero_frac(plain) or 0)
         e = w2d - ct.dequantize() / t
         err = ((e @ h) * e).sum().item()
         if err < best_err:
