@@ -167,3 +167,38 @@ def test_generate_refuses_a_non_language_model(tmp_path, capsys):
     assert run(capsys, "compress", "digits-cnn", "-o", str(out), "--quick", "--json")[0] == 0
     code, _, err = run(capsys, "generate", str(out), "hello")
     _one_error_line(code, err, "language model")
+
+
+def test_error_text_is_not_read_as_markup(tmp_path, capsys):
+    code, _, err = run(capsys, "compress", "[bold]model[/x]", "-o", str(tmp_path / "x.squash"))
+    _one_error_line(code, err, "[bold]model[/x]")
+
+
+def test_non_utf8_recipe(tmp_path, capsys):
+    f = tmp_path / "r.toml"
+    f.write_bytes(b"\xff\xfe\x00name")
+    code, _, err = run(capsys, "compress", "digits-cnn", "--recipe", str(f), "-o", str(tmp_path / "x.squash"))
+    _one_error_line(code, err, "r.toml")
+
+
+def test_structurally_broken_header_for_inspect_and_eval(tmp_path, capsys):
+    from test_squash_file import _rewrite_header
+
+    out = tmp_path / "d.squash"
+    assert run(capsys, "compress", "digits-cnn", "-o", str(out), "--quick", "--json")[0] == 0
+
+    def break_it(h):
+        meta = json.loads(h["__metadata__"]["squash"])
+        meta["tensors"]["fc1.weight"] = ["not", "a", "table"]
+        h["__metadata__"]["squash"] = json.dumps(meta)
+
+    bad = _rewrite_header(out, tmp_path / "bad.squash", break_it)
+    for verb in ("inspect", "eval"):
+        code, _, err = run(capsys, verb, str(bad))
+        _one_error_line(code, err, "corrupt squash header")
+
+
+def test_written_file_is_readable_by_others(tmp_path, capsys):
+    out = tmp_path / "d.squash"
+    assert run(capsys, "compress", "digits-cnn", "-o", str(out), "--quick", "--json")[0] == 0
+    assert out.stat().st_mode & 0o044  # not mkstemp's private 0600

@@ -177,3 +177,13 @@ def test_save_is_atomic_and_refuses_bad_targets(tmp_path, small_digits):
         save(small_digits, tmp_path / "x.bin")
     save(small_digits, tmp_path / "x.squash")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.squash"]  # no temporary file left behind
+
+
+def test_a_header_that_does_not_fit_the_arrays(tmp_path, good_file):
+    def wrong_block(h):
+        meta = json.loads(h["__metadata__"]["squash"])
+        meta["tensors"]["fc1.weight"]["block"] = [1, 7]
+        h["__metadata__"]["squash"] = json.dumps(meta)
+
+    with pytest.raises(FormatError, match="scale has shape"):
+        load_squash(_rewrite_header(good_file, tmp_path / "b.squash", wrong_block))

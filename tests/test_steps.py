@@ -189,3 +189,31 @@ def test_every_encoding_round_trips_through_the_file(tmp_path, digits):
                 assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (name, f)
         x = torch.rand(4, 1, 8, 8)
         assert torch.equal(back.module(x), model.module(x))
+
+
+def test_calibration_inputs_carry_no_growing_cache():
+    """Re-running a block on captured inputs must not see keys and values of earlier runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from squash.calibrate import block_inputs, first_output
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    batches = [{"input_ids": torch.randint(0, 64, (1, 6)), "use_cache": False}]
+    (args, kwargs), = block_inputs(model, model.model.layers[0], batches)
+    block = model.model.layers[0]
+    with torch.inference_mode():
+        a = first_output(block(*args, **kwargs))
+        b = first_output(block(*args, **kwargs))
+    assert torch.equal(a, b)
+    assert all(v is None for k, v in kwargs.items() if "past_key" in k)
+
+
+def test_layers_the_data_never_reaches_fall_back_to_rounding(digits):
+    from squash import load_recipe
+
+    small = compress(digits, load_recipe("int4"), calib=[])
+    w = digits.module.fc1.weight
+    assert small.tensors["fc1.weight"].dequantize().abs().sum() > 0.5 * w.abs().sum()  # not zeroed as "dead"

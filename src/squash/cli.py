@@ -26,7 +26,7 @@ def progress_bar(description: str, quiet: bool = False):
         yield None
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[what]}"), console=err, transient=True) as bar:
+                  TextColumn("{task.fields[what]}", markup=False), console=err, transient=True) as bar:
         task = bar.add_task(description, total=None, what="")
 
         def update(done: int, total: int, what: str) -> None:
@@ -40,7 +40,7 @@ def status(message: str, quiet: bool = False):
     if quiet:
         yield
         return
-    with err.status(message):
+    with err.status(Text(message)):  # user text (paths, names) is never read as markup
         yield
 
 
@@ -120,18 +120,19 @@ def cmd_inspect(args) -> int:
         print(json.dumps({"header": {k: header[k] for k in ("format_version", "squash_version", "source", "recipe")},
                           "tensors": rows, "float": header["float"]}, indent=2))
         return 0
-    out.print(f"[bold]{args.file}[/]  format {header['format_version']}, squash {header['squash_version']}, "
-              f"recipe {header['recipe'].get('name')}, from {header['source'].get('name')} "
-              f"(sha256 {header['source'].get('sha256', '')[:12]}…)")
+    out.print(Text(f"{args.file}  format {header['format_version']}, squash {header.get('squash_version')}, "
+                   f"recipe {(header['recipe'] or {}).get('name')}, from {header['source'].get('name')} "
+                   f"(sha256 {str(header['source'].get('sha256', ''))[:12]}…)"))
     table = Table()
     for col in ("tensor", "shape", "encoding", "bits/weight", "bytes", "SQNR dB"):
         table.add_column(col, justify="left" if col in ("tensor", "encoding") else "right")
     for r in rows:
-        table.add_row(r["name"], "×".join(map(str, r["shape"])) if r["shape"] else "",
-                      r["encoding"], f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "",
+        table.add_row(Text(r["name"]), "×".join(map(str, r["shape"])) if r["shape"] else "",
+                      Text(r["encoding"]), f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "",
                       f"{r['bytes']:,}", f"{r['sqnr_db']:.1f}" if r["sqnr_db"] is not None else "")
     out.print(table)
-    out.print(f"float tensors kept: {len(header['float'])} ({', '.join(header['float'][:4])}{', …' if len(header['float']) > 4 else ''})")
+    kept = header["float"]
+    out.print(Text(f"float tensors kept: {len(kept)} ({', '.join(map(str, kept[:4]))}{', …' if len(kept) > 4 else ''})"))
     return 0
 
 
@@ -205,7 +206,7 @@ def _print_report(r: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(r, indent=2))
         return
-    table = Table(title=f"{r['model']}  ·  recipe {r['recipe']}  ·  {r['file']}")
+    table = Table(title=Text(f"{r['model']}  ·  recipe {r['recipe']}  ·  {r['file']}"))
     table.add_column("")
     table.add_column("float32", justify="right")
     table.add_column("compressed", justify="right")
