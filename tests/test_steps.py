@@ -217,3 +217,10 @@ def test_layers_the_data_never_reaches_fall_back_to_rounding(digits):
     small = compress(digits, load_recipe("int4"), calib=[])
     w = digits.module.fc1.weight
     assert small.tensors["fc1.weight"].dequantize().abs().sum() > 0.5 * w.abs().sum()  # not zeroed as "dead"
+
+
+def test_svd_rank_from_a_size_target():
+    w = torch.randn(96, 160)
+    ct = lowrank(w, LowRank(bits_per_weight=2.0))
+    assert ct.extra["rank"] == int(2.0 * 96 * 160 / (16 * (96 + 160)))
+    assert ct.bits_per_weight() <= 2.0

@@ -1,8 +1,9 @@
 """Step 3, decompose: low-rank factors and sparse outliers.
 
 Truncated SVD (Eckart–Young): W = Σ σ_i u_i v_iᵀ; keeping the r largest gives the best rank-r approximation
-in Frobenius norm, U = u_{1..r}·diag(σ), V = v_{1..r}ᵀ. The rank is given, or the smallest r whose kept
-energy Σ_{i≤r} σ_i² / Σ σ_i² reaches `energy`.
+in Frobenius norm, U = u_{1..r}·diag(σ), V = v_{1..r}ᵀ. The rank is given; or the smallest r whose kept
+energy Σ_{i≤r} σ_i² / Σ σ_i² reaches `energy`; or the largest r whose factors fit a size target of
+`bits_per_weight`: r = ⌊bpw·rows·cols / (b_f·(rows + cols))⌋, b_f the bits of a factor entry (16 or 32).
 
 Low-rank correction of quantisation error (as in LQER / ZeroQuant-V2): W ≈ Q(W) + U·V, with U·V the truncated
 SVD of the residual R = W − Q(W). With calibration data the residual is weighted by the input scale
@@ -52,6 +53,7 @@ class LowRank:
 
     rank: int = 0
     energy: float = 0.0
+    bits_per_weight: float = 0.0
     factor_dtype: str = "float16"
     weighted: bool = True
 
@@ -62,8 +64,10 @@ class LowRank:
             raise RecipeError(f"lowrank.rank = {self.rank!r}: a non-negative integer")
         if not isinstance(self.energy, (int, float)) or not 0 <= self.energy < 1:
             raise RecipeError(f"lowrank.energy = {self.energy!r}: a fraction in [0, 1), such as 0.9")
-        if (self.rank > 0) == (self.energy > 0):
-            raise RecipeError("lowrank: give exactly one of rank (e.g. 16) or energy (e.g. 0.9)")
+        if not isinstance(self.bits_per_weight, (int, float)) or self.bits_per_weight < 0:
+            raise RecipeError(f"lowrank.bits_per_weight = {self.bits_per_weight!r}: a positive size target")
+        if sum(x > 0 for x in (self.rank, self.energy, self.bits_per_weight)) != 1:
+            raise RecipeError("lowrank: give exactly one of rank (e.g. 16), energy (e.g. 0.9) or bits_per_weight (e.g. 2)")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise RecipeError(f"lowrank.factor_dtype = {self.factor_dtype!r}: one of {', '.join(FACTOR_DTYPES)}")
 
@@ -84,7 +88,11 @@ def lowrank(w: torch.Tensor, config: LowRank, ct: CompressedTensor | None = None
     residual = w2d if ct is None else w2d - ct.dequantize().reshape(rows, cols)
     d = input_weight(h, cols) if config.weighted else None
     target = residual if d is None else residual * d  # (rows, cols)·D
-    u, v = truncated_svd(target, config.rank or None, config.energy or None)
+    rank = config.rank or None
+    if config.bits_per_weight:
+        factor_bits = 16 if config.factor_dtype == "float16" else 32
+        rank = max(1, int(config.bits_per_weight * rows * cols / (factor_bits * (rows + cols))))
+    u, v = truncated_svd(target, rank, config.energy or None)
     if d is not None:
         v = v / d  # back from the weighted space: (U·V·D)·D⁻¹
     dtype = getattr(torch, config.factor_dtype)
