@@ -224,3 +224,16 @@ def test_svd_rank_from_a_size_target():
     ct = lowrank(w, LowRank(bits_per_weight=2.0))
     assert ct.extra["rank"] == int(2.0 * 96 * 160 / (16 * (96 + 160)))
     assert ct.bits_per_weight() <= 2.0
+
+
+@pytest.mark.parametrize("cfg", [Quantize(bits=4, block=16, grid="nf"), Quantize(bits=3, block=16, symmetric=False,
+                                                                                  zero_dtype="fixed8")])
+def test_embedding_lookup_matches_the_dequantized_table(cfg):
+    from squash.runtime.modules import CompressedWeight, QEmbedding
+
+    table = torch.randn(50, 40)
+    ct = quantize(table, cfg)
+    ct.col_scale = (torch.rand(40) + 0.5).half()
+    emb = QEmbedding(CompressedWeight(ct), None)
+    ids = torch.tensor([[0, 7, 49], [3, 3, 12]])
+    assert torch.allclose(emb(ids), ct.dequantize()[ids], atol=1e-6)

@@ -69,7 +69,7 @@ class QEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ct = self.weight_q.ct
-        if ct.block[0] != 1 or ct.codes is None or ct.u is not None or ct.sparse_index is not None or ct.grid is not None:
+        if ct.block[0] != 1 or ct.codes is None or ct.u is not None or ct.sparse_index is not None:
             # scales shared across rows, or terms beyond codes: dequantize the whole table
             return F.embedding(ids, ct.dequantize())
         flat = ids.reshape(-1)
@@ -86,7 +86,8 @@ def _dequantize_rows(ct: CompressedTensor, rows: torch.Tensor) -> torch.Tensor:
     bc = ct.block[1]
     s = ct.scale[rows].repeat_interleave(bc, dim=1)[:, :dim]
     z = ct.zero_point()[rows].repeat_interleave(bc, dim=1)[:, :dim]
-    w = s.float() * (ct.codes[rows].float() - z.float())
+    levels = ct.codes[rows].float() if ct.grid is None else ct.grid.float()[ct.codes[rows].long()]
+    w = s.float() * (levels - z.float())
     return w if ct.col_scale is None else w * ct.col_scale.float()
 
 
