@@ -15,6 +15,14 @@ def run(capsys, *argv):
     return code, captured.out, captured.err
 
 
+@pytest.fixture
+def digits_file(tmp_path, capsys):
+    """digits-cnn compressed at int8 by the CLI, a fresh file for each test (some damage it)."""
+    out = tmp_path / "d.squash"
+    assert run(capsys, "compress", "digits-cnn", "-o", str(out), "--json", "--quick")[0] == 0
+    return out
+
+
 def test_compress_eval_inspect_end_to_end(tmp_path):
     """The installed `squash` command, as a user runs it."""
     out = tmp_path / "digits.squash"
@@ -37,10 +45,8 @@ def test_compress_eval_inspect_end_to_end(tmp_path):
     assert r.returncode == 0 and "conv1.weight" in r.stdout and "int8" in r.stdout
 
 
-def test_inspect_json_lists_every_tensor_with_its_error(tmp_path, capsys):
-    out = tmp_path / "d.squash"
-    assert run(capsys, "compress", "digits-cnn", "-o", str(out), "--json", "--quick")[0] == 0
-    code, stdout, _ = run(capsys, "inspect", str(out), "--json")
+def test_inspect_json_lists_every_tensor_with_its_error(tmp_path, capsys, digits_file):
+    code, stdout, _ = run(capsys, "inspect", str(digits_file), "--json")
     rows = {r["name"]: r for r in json.loads(stdout)["tensors"]}
     assert set(rows) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
     assert all(r["sqnr_db"] > 30 for r in rows.values())
@@ -152,9 +158,8 @@ def test_hf_folder_compresses(tmp_path, capsys, tiny_bert_dir):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_bad_squash_files_for_eval_and_inspect(tmp_path, capsys, damage):
-    out = tmp_path / "d.squash"
-    assert run(capsys, "compress", "digits-cnn", "-o", str(out), "--quick", "--json")[0] == 0
+def test_bad_squash_files_for_eval_and_inspect(tmp_path, capsys, damage, digits_file):
+    out = digits_file
     data = out.read_bytes()
     out.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"\x00" * 100)
     for verb in ("eval", "inspect"):
@@ -162,9 +167,8 @@ def test_bad_squash_files_for_eval_and_inspect(tmp_path, capsys, damage):
         _one_error_line(code, err, "d.squash")
 
 
-def test_generate_refuses_a_non_language_model(tmp_path, capsys):
-    out = tmp_path / "d.squash"
-    assert run(capsys, "compress", "digits-cnn", "-o", str(out), "--quick", "--json")[0] == 0
+def test_generate_refuses_a_non_language_model(tmp_path, capsys, digits_file):
+    out = digits_file
     code, _, err = run(capsys, "generate", str(out), "hello")
     _one_error_line(code, err, "language model")
 
@@ -181,11 +185,10 @@ def test_non_utf8_recipe(tmp_path, capsys):
     _one_error_line(code, err, "r.toml")
 
 
-def test_structurally_broken_header_for_inspect_and_eval(tmp_path, capsys):
+def test_structurally_broken_header_for_inspect_and_eval(tmp_path, capsys, digits_file):
     from test_squash_file import _rewrite_header
 
-    out = tmp_path / "d.squash"
-    assert run(capsys, "compress", "digits-cnn", "-o", str(out), "--quick", "--json")[0] == 0
+    out = digits_file
 
     def break_it(h):
         meta = json.loads(h["__metadata__"]["squash"])
@@ -198,7 +201,6 @@ def test_structurally_broken_header_for_inspect_and_eval(tmp_path, capsys):
         _one_error_line(code, err, "corrupt squash header")
 
 
-def test_written_file_is_readable_by_others(tmp_path, capsys):
-    out = tmp_path / "d.squash"
-    assert run(capsys, "compress", "digits-cnn", "-o", str(out), "--quick", "--json")[0] == 0
+def test_written_file_is_readable_by_others(tmp_path, capsys, digits_file):
+    out = digits_file
     assert out.stat().st_mode & 0o044  # not mkstemp's private 0600
