@@ -62,5 +62,5 @@ def test_invalid_recipes_name_the_value(bad, needle):
 
 
 def test_outliers_after_quantize_is_refused():
-    with pytest.raises(RecipeError, match="before quantize"):
+    with pytest.raises(RecipeError, match="out of order"):
         Recipe.from_dict({"steps": [{"step": "quantize"}, {"step": "outliers"}]})

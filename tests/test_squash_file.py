@@ -50,7 +50,7 @@ def test_file_is_readable_with_plain_safetensors(tmp_path, small_digits):
     path = save(small_digits, tmp_path / "d.squash")
     with safe_open(path, framework="pt") as f:
         header = json.loads(f.metadata()["squash"])
-        assert header["format_version"] == 1
+        assert header["format_version"] == 2
         assert f.get_tensor("fc1.weight.codes").dtype == torch.uint8
         assert "fc1.bias" in f.keys()
 

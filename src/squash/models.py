@@ -317,12 +317,20 @@ def rebuild(kind: str, config: dict) -> nn.Module:
         model_type = hf.pop("model_type")
         cfg = AutoConfig.for_model(model_type, **hf)
         cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-        return cls.from_config(cfg, dtype=torch.float32).eval()
+        return _resized(cls.from_config(cfg, dtype=torch.float32).eval(), config)
     if kind == "classifier":
         from squash.digits import DigitsCNN
 
-        return DigitsCNN(**config["arch"]).eval()
+        return _resized(DigitsCNN(**config["arch"]).eval(), config)
     raise FormatError(f"cannot rebuild a model of kind {kind!r}; load it with squash.load_squash(path, module=...)")
+
+
+def _resized(module: nn.Module, config: dict) -> nn.Module:
+    """Layers that structured pruning shrank get their stored shapes."""
+    from squash.steps.channels import resize_modules
+
+    resize_modules(module, config.get("resized", {}))
+    return module
 
 
 def tokenizer_for(model: Model):

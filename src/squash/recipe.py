@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -64,8 +64,9 @@ class Recipe:
         object.__setattr__(self, "layers", tuple(self.layers))
         if not self.steps:
             raise RecipeError(f"recipe {self.name!r} has no steps; add at least one [[steps]] table")
-        for steps in (self.steps, *(r.steps for r in self.layers)):
-            _check_order([s.name for s in steps], self.name)
+        _check_order([s.name for s in self.steps], self.name)
+        for r in self.layers:
+            _check_order([s.name for s in r.steps], self.name, rule=True)
 
     @property
     def needs_calibration(self) -> bool:
@@ -73,10 +74,14 @@ class Recipe:
         return any(getattr(s, "needs_calibration", False) for s in every)
 
     def steps_for(self, names: list[str]) -> tuple:
+        """The tensor steps for the modules `names` (model-level steps are left out)."""
         for rule in self.layers:
             if any(matches(n, rule.match) for n in names):
                 return rule.steps
-        return self.steps
+        return tuple(s for s in self.steps if not getattr(s, "model_level", False))
+
+    def model_step(self, name: str):
+        return next((s for s in self.steps if s.name == name), None)
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "version": self.version, "exclude": list(self.exclude),
@@ -107,13 +112,24 @@ class Recipe:
                    version=d.get("version", 1), layers=layers, min_weights=min_weights)
 
 
-def _check_order(names: list[str], recipe: str) -> None:
-    """outliers, then quantize, then lowrank: each at most once (a later step builds on the earlier ones)."""
-    rank = {"outliers": 0, "quantize": 1, "lowrank": 2}
-    order = [rank[n] for n in names if n in rank]
-    if order != sorted(set(order)):
-        raise RecipeError(f"recipe {recipe!r}: steps {names} out of order; use each of outliers, quantize, lowrank "
-                          "at most once and in that order (outliers must come before quantize)")
+ORDER = {"prune_channels": 0, "outliers": 1, "prune": 2, "quantize": 3, "codebook": 3, "lowrank": 4,
+         "entropy": 5, "finetune": 5}
+
+
+def _check_order(names: list[str], recipe: str, rule: bool = False) -> None:
+    """prune_channels, outliers, prune, quantize or codebook, lowrank, then entropy and finetune (in either order):
+    each at most once, as a later step builds on the earlier ones."""
+    order = [ORDER[n] for n in names]
+    if order != sorted(order) or len(set(names)) != len(names):
+        raise RecipeError(f"recipe {recipe!r}: steps {names} out of order; use each step at most once, in the order "
+                          "prune_channels, outliers, prune, quantize (or codebook), lowrank, entropy, finetune")
+    if "quantize" in names and "codebook" in names:
+        raise RecipeError(f"recipe {recipe!r}: codebook replaces quantize (its centroids are the grid); use one")
+    if rule and ({"prune_channels", "finetune"} & set(names)):
+        raise RecipeError(f"recipe {recipe!r}: prune_channels and finetune act on the whole model; put them in "
+                          "the recipe's [[steps]], not in a [[layers]] rule")
+    if names and all(n in ("prune_channels", "finetune", "entropy") for n in names) and not rule:
+        raise RecipeError(f"recipe {recipe!r}: no step compresses the weights; add prune, quantize, codebook or lowrank")
 
 
 def _steps_to_dicts(steps) -> list[dict]:
@@ -190,9 +206,11 @@ def check_finite(module: nn.Module) -> None:
 
 
 def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None = None,
-             progress: Progress | None = None) -> Model:
+             progress: Progress | None = None, checkpoint: str | Path | None = None) -> Model:
     """A compressed copy of `model` (which is left untouched): every target weight runs through the recipe's
-    steps and its module is replaced by one that holds the compressed weight. Tied weights stay tied.
+    tensor steps and its module is replaced by one that holds the compressed weight. Tied weights stay tied.
+    Model-level steps run around them: prune_channels first (the shapes shrink), finetune last (distilling
+    `model` into the result; `checkpoint` is where an interrupted fine-tune resumes from).
 
     A recipe that needs calibration (GPTQ, weighted clipping) gathers H = Σ xᵀx per Linear from `calib`
     (input batches; by default drawn from the calibration text), layer after layer on the outputs of the layers
@@ -205,6 +223,15 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         raise SquashError(f"{model.name} is already compressed; compress its float source instead")
     check_finite(model.module)
     module = copy.deepcopy(model.module)
+    config = dict(model.config)
+    channels = recipe.model_step("prune_channels")
+    if channels is not None:
+        from squash.calibrate import calibration_batches
+        from squash.steps.channels import prune_channels
+
+        batches = calib if calib is not None else calibration_batches(model)
+        shapes = prune_channels(module, channels, run=lambda: [module(**b) for b in batches])
+        config["resized"] = {**config.get("resized", {}), **shapes}
     targets = target_weights(module, recipe.exclude, recipe.min_weights)
     for rule in recipe.layers:
         if not any(matches(n, rule.match) for n, _ in targets):
@@ -217,6 +244,7 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         groups.setdefault(id(m.weight), []).append((name, m))
 
     tensors, tied, done = {}, {}, []
+    sparsities = _global_sparsities(recipe, groups)
 
     def apply(key: int, hessian: dict[str, torch.Tensor]) -> None:
         members = groups[key]
@@ -226,6 +254,8 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         w = first.weight.data
         ct = None
         for step in recipe.steps_for([n for n, _ in members]):
+            if step.name == "prune" and step.scope == "global":
+                step = replace(step, sparsity=sparsities[key], scope="layer")
             ct = step(w, ct, h)
         ct.extra["sqnr_db"] = sqnr_db(w, ct.dequantize())
         weight = CompressedWeight(ct)
@@ -238,14 +268,51 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         if progress:
             progress(len(done), len(groups), f"{first_name}.weight")
 
-    if not recipe.needs_calibration:
+    if not any(getattr(s, "needs_calibration", False) for s in _tensor_steps(recipe)):
         for key in groups:
             apply(key, {})
     else:
         _compress_calibrated(model, module, groups, calib, apply)
-    return Model(module=module.eval(), kind=model.kind, name=model.name, config=model.config,
-                 tokenizer=model.tokenizer, source=dict(model.source), tensors=tensors, tied=tied,
-                 recipe=recipe.to_dict())
+    out = Model(module=module.eval(), kind=model.kind, name=model.name, config=config,
+                tokenizer=model.tokenizer, source=dict(model.source), tensors=tensors, tied=tied,
+                recipe=recipe.to_dict())
+    tune = recipe.model_step("finetune")
+    if tune is not None:
+        from squash.steps.finetune import finetune
+
+        out.recipe["finetune_result"] = finetune(out, model, tune, progress, checkpoint)
+        for name, ct in out.tensors.items():
+            ct.extra["sqnr_db"] = sqnr_db(_float_weight(model.module, module, name), ct.dequantize())
+    return out
+
+
+def _float_weight(reference: nn.Module, compressed: nn.Module, name: str) -> torch.Tensor:
+    """The float weight a compressed tensor stands for (the shrunk one after prune_channels)."""
+    w = reference.get_parameter(name)
+    ct_shape = compressed.get_submodule(name.removesuffix(".weight")).weight_q.ct.shape
+    return w if tuple(w.shape) == tuple(ct_shape) else torch.zeros(ct_shape)
+
+
+def _tensor_steps(recipe: Recipe) -> tuple:
+    return tuple(s for s in recipe.steps + tuple(x for r in recipe.layers for x in r.steps)
+                 if not getattr(s, "model_level", False))
+
+
+def _global_sparsities(recipe: Recipe, groups: dict) -> dict[int, float]:
+    """Per-layer sparsities of global magnitude pruning: one threshold over every weight a global prune step
+    applies to."""
+    from squash.steps.prune import global_sparsities
+
+    chosen = {}
+    for key, members in groups.items():
+        steps = recipe.steps_for([n for n, _ in members])
+        prune = next((s for s in steps if s.name == "prune" and s.scope == "global"), None)
+        if prune is not None:
+            chosen.setdefault(prune.sparsity, {})[key] = members[0][1].weight.data
+    out = {}
+    for sparsity, weights in chosen.items():
+        out.update(global_sparsities(weights, sparsity))
+    return out
 
 
 def _compress_calibrated(model: Model, module: nn.Module, groups: dict, calib, apply) -> None:

@@ -42,6 +42,9 @@ class CompressedTensor:
     col_scale: r, float16 (cols,): multiplies each column of the quantized part; None for r = 1
     u, v:    low-rank factors (rows, r) and (r, cols), float16 or float32
     sparse_index, sparse_value:  flat positions (int32) in the matrix view and their float values, added last
+    mask:    bool (rows, cols), False where a weight is pruned; None: dense
+    dense:   float16 (rows, cols) kept values of a pruned tensor without codes
+    entropy: codes and mask stored entropy-coded (exact; the size is that of the coded streams)
     """
 
     shape: tuple[int, ...]
@@ -56,10 +59,13 @@ class CompressedTensor:
     v: torch.Tensor | None = None
     sparse_index: torch.Tensor | None = None
     sparse_value: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
     zero_frac: int = 0
+    entropy: bool = False
     extra: dict = field(default_factory=dict)  # step-specific metadata kept in the file header (JSON-able)
 
-    ARRAYS = ("codes", "scale", "zero", "grid", "col_scale", "u", "v", "sparse_index", "sparse_value")
+    ARRAYS = ("codes", "scale", "zero", "grid", "col_scale", "u", "v", "sparse_index", "sparse_value", "mask", "dense")
 
     @property
     def symmetric(self) -> bool:
@@ -87,7 +93,14 @@ class CompressedTensor:
         """G[c] for every code, the matrix view."""
         if self.grid is None:
             return self.codes.to(dtype)
+        if self.grid.dim() == 2:  # one grid per row
+            return torch.gather(self.grid.to(dtype), 1, self.codes.long())
         return self.grid.to(dtype)[self.codes.long()]
+
+    @property
+    def kept(self) -> int:
+        """Weights not pruned."""
+        return self.numel if self.mask is None else int(self.mask.sum())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Ŵ = s·(G[c] − z)·diag(r) + U·V + S, reshaped to the original shape.
@@ -95,7 +108,9 @@ class CompressedTensor:
         Works on the block view (R, br, C, bc) so each scale broadcasts over its block without being copied.
         """
         rows, cols = self.matrix_shape
-        if self.codes is None:
+        if self.codes is None and self.dense is not None:
+            w = self.dense.to(dtype)
+        elif self.codes is None:
             w = torch.zeros(rows, cols, dtype=dtype, device=self.u.device if self.u is not None else None)
         else:
             br, bc = self.block
@@ -109,6 +124,8 @@ class CompressedTensor:
             w = ((c - z) * s).reshape(R * br, C * bc)[:rows, :cols]
             if self.col_scale is not None:
                 w = w * self.col_scale.to(dtype)
+        if self.mask is not None:
+            w = w * self.mask
         if self.u is not None:
             w = w + self.u.to(dtype) @ self.v.to(dtype)
         if self.sparse_index is not None:
@@ -116,8 +133,17 @@ class CompressedTensor:
         return w.reshape(self.shape)
 
     def stored_bytes(self) -> int:
-        """Bytes this tensor occupies on disk: packed codes, scales, zeros, grid, factors, outliers."""
-        n = math.ceil(self.numel * self.bits / 8) if self.codes is not None else 0
+        """Bytes this tensor occupies on disk: packed (or entropy-coded) codes of the kept weights, the mask,
+        scales, zeros, grid, factors, outliers."""
+        from squash.entropy import coded_streams
+
+        if self.entropy:
+            n = sum(s.nbytes() for s in coded_streams(self).values())
+        else:
+            n = math.ceil(self.kept * self.bits / 8) if self.codes is not None else 0
+            n += math.ceil(self.numel / 8) if self.mask is not None else 0
+        if self.dense is not None:
+            n += self.kept * self.dense.element_size()
         for t in (self.scale, self.grid, self.col_scale, self.u, self.v, self.sparse_index, self.sparse_value):
             if t is not None:
                 n += t.numel() * t.element_size()

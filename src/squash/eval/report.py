@@ -21,7 +21,7 @@ def evaluate(model: Model, reference: Model, size: EvalSize = EvalSize(), repeat
              progress: Progress | None = None) -> dict:
     """Everything the report shows, as a JSON-able dict."""
     n_float, bytes_float = float_weight_bytes(reference.module)
-    n, stored = stored_weight_bytes(model)
+    _, stored = stored_weight_bytes(model)
     report = {
         "model": model.name,
         "kind": model.kind,
@@ -30,7 +30,7 @@ def evaluate(model: Model, reference: Model, size: EvalSize = EvalSize(), repeat
         "float_weight_bytes": bytes_float,
         "weight_bytes": stored,
         "size_ratio": stored / bytes_float,
-        "bits_per_weight": 8 * stored / n,
+        "bits_per_weight": 8 * stored / n_float,  # per weight of the float model (structured pruning removes some)
         "compressed_tensors": len(model.tensors),
         "tied": len(model.tied),
     }

@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -20,13 +21,14 @@ from torch import nn
 
 from squash import __version__
 from squash.errors import FormatError, SquashError
+from squash.entropy import CodedStream, coded_streams, decode, nibbles_to_mask
 from squash.models import KINDS, Model, rebuild
 from squash.packing import pack_codes, packed_size, unpack_codes
 from squash.recipe import _set_module, float_state
 from squash.runtime.modules import TARGET_TYPES, CompressedWeight, compressed_module
 from squash.tensor import CompressedTensor, matrix_shape
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: masks, pruned values, per-row grids, entropy-coded streams
 MAGIC = "squash"
 
 
@@ -35,17 +37,12 @@ def arrays_of(model: Model) -> tuple[dict[str, torch.Tensor], dict]:
     arrays, entries = {}, {}
     for name, ct in model.tensors.items():
         present = [f for f in CompressedTensor.ARRAYS if getattr(ct, f) is not None]
-        for f in present:
-            t = getattr(ct, f)
-            if f == "codes":
-                t = pack_codes(t, ct.bits)
-            elif f == "zero" and not t.dtype.is_floating_point:  # fixed-point zero points, packed like codes
-                t = pack_codes(t, ct.bits + ct.zero_frac)
-            arrays[f"{name}.{f}"] = t.contiguous()
+        arrays.update(tensor_arrays(name, ct))
         entries[name] = {"encoding": _encoding(ct), "shape": list(ct.shape), "bits": ct.bits,
                          "block": list(ct.block), "symmetric": ct.symmetric, "arrays": present,
                          "zero": None if ct.zero is None else ("float" if ct.zero.dtype.is_floating_point else "int"),
-                         "zero_frac": ct.zero_frac, "stored_bytes": ct.stored_bytes(), "extra": ct.extra}
+                         "zero_frac": ct.zero_frac, "stored_bytes": ct.stored_bytes(), "extra": ct.extra,
+                         "kept": ct.kept, "entropy": ct.entropy}
     state, aliases = float_state(model.module)
     for name, t in state.items():
         arrays[name] = t.detach().contiguous()
@@ -63,6 +60,31 @@ def arrays_of(model: Model) -> tuple[dict[str, torch.Tensor], dict]:
         "arrays_sha256": _digest(arrays),
     }
     return arrays, header
+
+
+def tensor_arrays(name: str, ct: CompressedTensor) -> dict[str, torch.Tensor]:
+    """The stored arrays of one tensor: codes of the kept weights bit-packed (or ANS-coded: .counts and .words),
+    the mask as a bitmap (or ANS-coded nibbles), kept float values only, everything else as it is."""
+    out = {}
+    streams = coded_streams(ct) if ct.entropy else {}
+    for f in CompressedTensor.ARRAYS:
+        t = getattr(ct, f)
+        if t is None:
+            continue
+        if f in streams:
+            out[f"{name}.{f}.counts"] = torch.from_numpy(streams[f].counts.view(np.int32).copy())
+            out[f"{name}.{f}.words"] = torch.from_numpy(streams[f].words.view(np.int32).copy())
+            continue
+        if f == "codes":
+            t = pack_codes(t if ct.mask is None else t[ct.mask], ct.bits)
+        elif f == "mask":
+            t = pack_codes(t.to(torch.uint8), 1)
+        elif f == "dense":
+            t = t[ct.mask]
+        elif f == "zero" and not t.dtype.is_floating_point:  # fixed-point zero points, packed like codes
+            t = pack_codes(t, ct.bits + ct.zero_frac)
+        out[f"{name}.{f}"] = t.contiguous()
+    return out
 
 
 def save(model: Model, path: str | os.PathLike) -> Path:
@@ -201,12 +223,12 @@ def _assemble(header: dict, arrays: dict[str, torch.Tensor], module: nn.Module |
 
 def _encoding(ct: CompressedTensor) -> str:
     if ct.codes is None:
-        return "lowrank"
+        return "pruned" if ct.dense is not None else "lowrank"
     return "uniform" if ct.grid is None else "grid"
 
 
 def _tensor_from(name: str, entry: dict, arrays: dict[str, torch.Tensor]) -> CompressedTensor:
-    if entry.get("encoding") not in ("uniform", "grid", "lowrank"):
+    if entry.get("encoding") not in ("uniform", "grid", "lowrank", "pruned"):
         raise FormatError(f"tensor {name!r}: unknown encoding {entry.get('encoding')!r}")
     present = entry.get("arrays", ["codes", "scale"] + ([] if entry["symmetric"] else ["zero"]))
     unknown = set(present) - set(CompressedTensor.ARRAYS)
@@ -214,12 +236,39 @@ def _tensor_from(name: str, entry: dict, arrays: dict[str, torch.Tensor]) -> Com
         raise FormatError(f"tensor {name!r}: unknown array(s) {sorted(unknown)}")
     shape, bits = tuple(int(x) for x in entry["shape"]), int(entry["bits"])
     rows, cols = matrix_shape(shape)
-    fields = {f: arrays[f"{name}.{f}"] for f in present}
-    if "codes" in fields:
-        packed = fields["codes"]
-        if packed.numel() != packed_size(math.prod(shape), bits):
-            raise FormatError(f"tensor {name!r}: {packed.numel()} code bytes do not fit shape {list(shape)} at {bits} bits")
-        fields["codes"] = unpack_codes(packed, bits, math.prod(shape)).reshape(rows, cols)
+    entropy = bool(entry.get("entropy", False))
+    n = math.prod(shape)
+    kept = int(entry.get("kept", n))
+    fields = {f: arrays[f"{name}.{f}"] for f in present if f not in ("codes", "mask") or not entropy}
+
+    def stream(f: str) -> np.ndarray:
+        try:
+            return decode(CodedStream(arrays[f"{name}.{f}.counts"].numpy().view(np.uint32),
+                                      arrays[f"{name}.{f}.words"].numpy().view(np.uint32),
+                                      math.ceil(n / 4) if f == "mask" else kept))
+        except KeyError:
+            raise
+        except Exception as e:  # the coder's own errors on a damaged stream
+            raise FormatError(f"tensor {name!r}: the entropy-coded {f} cannot be decoded ({_first_line(e)})") from e
+
+    mask = None
+    if "mask" in present:
+        mask = (nibbles_to_mask(stream("mask"), (rows, cols)) if entropy
+                else unpack_codes(fields["mask"], 1, n).reshape(rows, cols).bool())
+        if int(mask.sum()) != kept:
+            raise FormatError(f"tensor {name!r}: the mask keeps {int(mask.sum())} weights, the header says {kept}")
+        fields["mask"] = mask
+    if "codes" in present:
+        if entropy:
+            codes = torch.from_numpy(stream("codes").astype(np.uint8))
+        else:
+            packed = fields["codes"]
+            if packed.numel() != packed_size(kept, bits):
+                raise FormatError(f"tensor {name!r}: {packed.numel()} code bytes do not fit {kept} weights at {bits} bits")
+            codes = unpack_codes(packed, bits, kept)
+        fields["codes"] = _scatter_kept(codes, mask, rows, cols)
+    if "dense" in present:
+        fields["dense"] = _scatter_kept(fields["dense"], mask, rows, cols)
     if entry.get("zero") == "int":
         n = fields["scale"].numel()
         fields["zero"] = unpack_codes(fields["zero"], bits + int(entry.get("zero_frac", 0)), n).reshape(fields["scale"].shape)
@@ -227,7 +276,18 @@ def _tensor_from(name: str, entry: dict, arrays: dict[str, torch.Tensor]) -> Com
     fields.setdefault("scale", None)
     _check_shapes(name, fields, shape, tuple(entry["block"]), bits)
     return CompressedTensor(shape=shape, bits=bits, block=tuple(entry["block"]), extra=entry.get("extra", {}),
-                            zero_frac=int(entry.get("zero_frac", 0)), **fields)
+                            zero_frac=int(entry.get("zero_frac", 0)), entropy=entropy, **fields)
+
+
+def _scatter_kept(values: torch.Tensor, mask: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor:
+    """Stored values of the kept weights → the (rows, cols) matrix, zero where pruned."""
+    if mask is None:
+        return values.reshape(rows, cols)
+    if values.numel() != int(mask.sum()):
+        raise FormatError(f"{values.numel()} stored values for {int(mask.sum())} kept weights")
+    out = torch.zeros(rows, cols, dtype=values.dtype)
+    out[mask] = values
+    return out
 
 
 def _check_shapes(name: str, f: dict, shape: tuple, block: tuple, bits: int) -> None:
@@ -235,9 +295,13 @@ def _check_shapes(name: str, f: dict, shape: tuple, block: tuple, bits: int) -> 
     rows, cols = matrix_shape(shape)
     blocks = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
     want = {"scale": blocks, "zero": blocks, "grid": (2**bits,), "col_scale": (cols,)}
+    if f.get("grid") is not None and f["grid"].dim() == 2:
+        want["grid"] = (rows, 2**bits)  # one grid per row
     for key, expected in want.items():
         if f.get(key) is not None and tuple(f[key].shape) != expected:
             raise FormatError(f"tensor {name!r}: {key} has shape {list(f[key].shape)}, expected {list(expected)}")
+    if f["codes"] is not None and f["codes"].numel() and int(f["codes"].max()) >= 2**bits:
+        raise FormatError(f"tensor {name!r}: a code does not fit in {bits} bits")
     if f["codes"] is not None and f["scale"] is None:
         raise FormatError(f"tensor {name!r}: codes without scales")
     if (f.get("u") is None) != (f.get("v") is None):

@@ -19,6 +19,10 @@ class CompressedWeight(nn.Module):
 
     def __init__(self, ct: CompressedTensor):
         super().__init__()
+        self.trainable = None  # set while fine-tuning: a module that gives Ŵ differentiably
+        self.set_tensor(ct)
+
+    def set_tensor(self, ct: CompressedTensor) -> None:
         self.ct = ct
         for f in ct.ARRAYS:
             self.register_buffer(f, getattr(ct, f), persistent=False)
@@ -30,6 +34,8 @@ class CompressedWeight(nn.Module):
         return out
 
     def forward(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.trainable is not None:
+            return self.trainable(dtype)
         return self.ct.dequantize(dtype)
 
 
@@ -69,9 +75,10 @@ class QEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ct = self.weight_q.ct
-        if ct.block[0] != 1 or ct.codes is None or ct.u is not None or ct.sparse_index is not None:
-            # scales shared across rows, or terms beyond codes: dequantize the whole table
-            return F.embedding(ids, ct.dequantize())
+        if (self.weight_q.trainable is not None or ct.block[0] != 1 or ct.codes is None or ct.u is not None
+                or ct.sparse_index is not None or ct.mask is not None or (ct.grid is not None and ct.grid.dim() == 2)):
+            # training, scales shared across rows, or terms beyond codes: the whole table
+            return F.embedding(ids, self.weight_q(torch.float32), self.padding_idx)
         flat = ids.reshape(-1)
         rows = _dequantize_rows(ct, flat)  # (n, dim)
         return rows.reshape(*ids.shape, self.embedding_dim)

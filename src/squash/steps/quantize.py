@@ -149,19 +149,24 @@ def quantize(w: torch.Tensor, config: Quantize, ct: CompressedTensor | None = No
         w2d.view(-1)[ct.sparse_index.long()] -= ct.sparse_value.float()
     if h is not None and h.shape != (cols, cols):
         h = None  # a Hessian of another shape (conv, embedding) does not apply
+    mask = None if ct is None else ct.mask
+    gptq = config.rounding == "gptq" and h is not None and block[0] in (1, rows)
+    if mask is not None and not gptq and ct.dense is not None:
+        w2d = ct.dense.float()  # the pruned values, compensated by the prune step (GPTQ redoes that itself)
     grid = grid_levels(config.grid, config.bits)
     col_scale = None
     if config.act_scale and h is not None:
         col_scale = (1.0 / activation_scale(w2d, h, config, grid)).half()  # r = 1/t, stored in float16
         t = 1.0 / col_scale.float()  # the stored r inverted exactly, so that Ŵ = Q(W·t)·r holds as written
         w2d, h = w2d * t, h / torch.outer(t, t)  # X·Wᵀ = (X/t)·(W·t)ᵀ
-    if config.rounding == "gptq" and h is not None and block[0] in (1, rows):
-        codes, scale, zero = _gptq(w2d, h, config, block, grid)
+    if gptq:
+        codes, scale, zero = _gptq(w2d, h, config, block, grid, mask)
     else:
-        codes, scale, zero = _nearest(w2d, config, block, grid, None if h is None else torch.diag(h))
+        kept = w2d if mask is None else w2d.masked_fill(~mask, float("nan"))  # scales from the kept weights
+        codes, scale, zero = _nearest(kept, config, block, grid, None if h is None else torch.diag(h))
     out = CompressedTensor(shape=shape, bits=config.bits, block=block, codes=codes.to(torch.uint8), scale=scale,
                            zero_frac=zero_frac(config) or 0,
-                           zero=zero, grid=None if grid is None else grid.clone(), col_scale=col_scale)
+                           zero=zero, grid=None if grid is None else grid.clone(), col_scale=col_scale, mask=mask)
     if ct is not None:
         out.sparse_index, out.sparse_value = ct.sparse_index, ct.sparse_value
     if config.activations:
@@ -229,9 +234,11 @@ def _nearest(w2d: torch.Tensor, config: Quantize, block, grid, h_diag: torch.Ten
     return from_blocks(c.nan_to_num(nan=0.0), block, rows, cols), s, z
 
 
-def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid):
+def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid, mask: torch.Tensor | None = None):
     """GPTQ with lazy batch updates. Natural order: group scales chosen on the updated weights as the walk reaches
-    each group. Act order: columns visited by decreasing H_jj, scales fixed up front (static groups)."""
+    each group. Act order: columns visited by decreasing H_jj, scales fixed up front (static groups).
+    With a pruning `mask` the pruned weights become exactly 0 and their error is fed forward like a rounding
+    error (SparseGPT's joint prune-and-quantize pass); scales are chosen on the kept weights only."""
     rows, cols = w2d.shape
     br, bc = block
     W = w2d.clone()
@@ -256,6 +263,8 @@ def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid):
 
     def choose(g: int, cols_now: torch.Tensor) -> None:
         """Scales of group g from its current (error-updated) columns (rows, ≤ bc)."""
+        if mask is not None:
+            cols_now = cols_now.masked_fill(~mask[:, g * bc : g * bc + cols_now.shape[1]], float("nan"))
         blocks = cols_now.reshape(R, -1)[:, None, :]  # (R, 1, n): one block per row, or one for the tensor
         wd = h_diag[g * bc : g * bc + cols_now.shape[1]].repeat(cols_now.shape[0] // R)[None, None, :]
         s, z = _scales(blocks, config, grid, wd)
@@ -288,6 +297,8 @@ def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid):
             c = round_to_grid(w / s + z, config.bits, config.symmetric, grid)
             codes[:, j] = c.to(torch.uint8)
             q = s * ((c if grid is None else grid[c.long()]) - z)
+            if mask is not None:
+                q = q * mask[:, j]
             err = (w - q) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
