@@ -25,3 +25,17 @@ def tiny_bert_dir(tmp_path, minilm):
     BertModel(cfg).save_pretrained(tmp_path / "tiny-bert")
     minilm.tokenizer.save_pretrained(tmp_path / "tiny-bert")
     return tmp_path / "tiny-bert"
+
+
+@pytest.fixture(scope="session")
+def minilm_small(tmp_path_factory, minilm):
+    """A small two-layer BERT encoder (random weights, minilm's tokenizer) loaded as a squash Model."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=minilm.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    folder = tmp_path_factory.mktemp("small-bert") / "small-bert"
+    BertModel(cfg).save_pretrained(folder)
+    minilm.tokenizer.save_pretrained(folder)
+    return load(folder)

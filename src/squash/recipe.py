@@ -254,6 +254,8 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         w = first.weight.data
         ct = None
         for step in recipe.steps_for([n for n, _ in members]):
+            if step.name == "prune" and not step.embeddings and isinstance(first, nn.Embedding):
+                continue
             if step.name == "prune" and step.scope == "global":
                 step = replace(step, sparsity=sparsities[key], scope="layer")
             ct = step(w, ct, h)
@@ -307,7 +309,7 @@ def _global_sparsities(recipe: Recipe, groups: dict) -> dict[int, float]:
     for key, members in groups.items():
         steps = recipe.steps_for([n for n, _ in members])
         prune = next((s for s in steps if s.name == "prune" and s.scope == "global"), None)
-        if prune is not None:
+        if prune is not None and (prune.embeddings or not isinstance(members[0][1], nn.Embedding)):
             chosen.setdefault(prune.sparsity, {})[key] = members[0][1].weight.data
     out = {}
     for sparsity, weights in chosen.items():

@@ -167,6 +167,24 @@ def _internal_model(family: str, sc: _Scale) -> Callable[[np.ndarray, np.ndarray
     return lambda t, x: t[0] * (x / sc.x_min) ** (-t[1]) + t[2]
 
 
+def _internal_jacobian(family: str, sc: _Scale) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """∂y/∂θ, (points × parameters): analytic, cheaper and steadier than finite differences near the bounds."""
+    if family == "exponential":
+        def jac(t, x):
+            e = np.exp(-t[1] * (x - sc.x_min))
+            return np.column_stack([e, -t[0] * (x - sc.x_min) * e, np.ones_like(x)])
+    elif family == "logistic":
+        def jac(t, x):
+            s = expit(-t[1] * (x - t[2]))
+            ds = t[0] * s * (1 - s)
+            return np.column_stack([s, -ds * (x - t[2]), ds * t[1], np.ones_like(x)])
+    else:
+        def jac(t, x):
+            r = (x / sc.x_min) ** (-t[1])
+            return np.column_stack([r, -t[0] * r * np.log(x / sc.x_min), np.ones_like(x)])
+    return jac
+
+
 def _bounds(family: str, sc: _Scale) -> tuple[np.ndarray, np.ndarray]:
     # Wide but finite: amplitude up to 100× the data range (a logistic whose upper plateau lies beyond the
     # data needs room), floor anywhere from well below the data to its top, rates from nearly flat to a step.
@@ -240,8 +258,13 @@ def fit_family(x, y, family: str, *, starts: Sequence[dict] | None = None) -> Fa
             except (KeyError, OverflowError, ZeroDivisionError) as e:
                 return FamilyFit(family, False, n_params=k, reason=f"bad start {p!r}: {e}")
 
+    model_jac = _internal_jacobian(family, sc)
+
     def residuals(t):
         return (model(t, x) - y) / sc.s
+
+    def jacobian(t):
+        return model_jac(t, x) / sc.s
 
     best, errors = None, []
     with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -249,7 +272,8 @@ def fit_family(x, y, family: str, *, starts: Sequence[dict] | None = None) -> Fa
         for t0 in tries:
             t0 = inside(np.nan_to_num(t0, nan=0.0, posinf=hi.max(), neginf=lo.min()))
             try:
-                r = least_squares(residuals, t0, bounds=(lo, hi), method="trf", x_scale="jac", max_nfev=300)
+                r = least_squares(residuals, t0, jac=jacobian, bounds=(lo, hi), method="trf", x_scale="jac",
+                                  max_nfev=300)
             except Exception as e:  # a start with non-finite residuals, or scipy giving up: try the next
                 errors.append(f"{type(e).__name__}: {e}")
                 continue

@@ -10,8 +10,10 @@ What trains (everything else is fixed, masks included):
                     the block scales s; the forward pass uses Ŵ = M ⊙ s·(⌊W̃/s + z⌉ − z)·diag(r), the rounding
                     passed by the straight-through estimator (∂⌊x⌉/∂x := 1 inside the clamp range, 0 outside;
                     Bengio et al. 2013), so s learns as in LSQ (Esser et al. 2020). Codes are re-rounded at the end.
-    custom grids    the levels G (k-means centroids) and scales, codes fixed: Ŵ = M ⊙ s·G[c]; the gradient of a
-                    centroid is the sum of the gradients of the weights that share it (Deep Compression).
+    custom grids    the levels G (k-means centroids), the scales and a latent W̃ (starting at G[c]): the forward
+                    pass uses Ŵ = M ⊙ s·G[c(W̃)], c(W̃) the nearest level, so the gradient of a centroid is the sum
+                    of the gradients of the weights that share it (Deep Compression) and W̃ may move a weight to
+                    another centroid (straight through the assignment).
     pruned floats   the kept values D of W ≈ M ⊙ D.
     low-rank, outliers  U, V and the outlier values.
     float tensors   biases and norms left in float.
@@ -85,8 +87,9 @@ class TrainableWeight(nn.Module):
                 s = expand_blocks(ct.scale.float(), ct.block, rows, cols)
                 z = expand_blocks(ct.zero_point(), ct.block, rows, cols)
                 self.latent = nn.Parameter(s * (ct.codes.float() - z))
-            else:
+            else:  # codes re-chosen as the nearest level of a latent weight, which starts at the levels
                 self.grid = nn.Parameter(ct.grid.float().clone())
+                self.latent = nn.Parameter(self._levels(self.grid, ct.codes).detach().clone())
         if ct.dense is not None:
             self.dense = nn.Parameter(ct.dense.float().clone())
         for f in ("u", "v", "sparse_value"):
@@ -108,9 +111,23 @@ class TrainableWeight(nn.Module):
             q = q + (torch.round(q) - q).detach()  # straight-through rounding
             w = s * (q - z)
         else:
-            levels = torch.gather(self.grid, 1, ct.codes.long()) if self.grid.dim() == 2 else self.grid[ct.codes.long()]
-            w = s * (levels - ct.midpoint())
+            levels = self._levels(self.grid, self.nearest_codes())
+            w = s * (levels + self.latent - self.latent.detach() - ct.midpoint())  # gradients reach G and W̃
         return w if ct.col_scale is None else w * ct.col_scale.float()
+
+    @staticmethod
+    def _levels(grid: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return torch.gather(grid, 1, codes.long()) if grid.dim() == 2 else grid[codes.long()]
+
+    @torch.no_grad()
+    def nearest_codes(self) -> torch.Tensor:
+        """The code of the level nearest to each latent weight (levels may have moved past each other)."""
+        g = self.grid.detach() if self.grid.dim() == 2 else self.grid.detach()[None, :]  # (rows or 1, k)
+        order = g.argsort(dim=1)
+        sorted_g = g.gather(1, order)
+        x = self.latent.detach() if self.grid.dim() == 2 else self.latent.detach().reshape(1, -1)
+        idx = torch.searchsorted((sorted_g[:, 1:] + sorted_g[:, :-1]).contiguous() / 2, x.contiguous())
+        return order.gather(1, idx).reshape(self.rows, self.cols)
 
     def forward(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self.quantized_part()
@@ -136,6 +153,9 @@ class TrainableWeight(nn.Module):
                 out.codes = codes if ct.mask is None else codes.masked_fill(~ct.mask, 0)
             else:
                 out.grid = self.grid.detach().to(ct.grid.dtype)
+                self.grid.data = out.grid.float()  # choose codes against the levels as stored
+                codes = self.nearest_codes().to(torch.uint8)
+                out.codes = codes if ct.mask is None else codes.masked_fill(~ct.mask, 0)
         if ct.dense is not None:
             out.dense = (self.dense.detach() * (ct.mask if ct.mask is not None else 1)).to(ct.dense.dtype)
         for f in ("u", "v", "sparse_value"):

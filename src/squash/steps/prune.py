@@ -45,6 +45,7 @@ class Prune:
     score:    "magnitude", "activation" (needs calibration data) or "sparsegpt" (needs calibration data)
     scope:    "layer", "row" or "global" (unstructured only)
     damp:     SparseGPT's dampening, a fraction of mean(diag H)
+    embeddings: prune embedding tables too (off: a token's row is all it has; a later quantize step still applies)
     """
 
     sparsity: float = 0.5
@@ -52,6 +53,7 @@ class Prune:
     score: str = "magnitude"
     scope: str = "layer"
     damp: float = 0.01
+    embeddings: bool = False
 
     name: ClassVar[str] = "prune"
 
