@@ -66,7 +66,7 @@ def test_several_sweeps_give_the_cartesian_product():
 
 def test_recipe_at_replaces_adds_and_refuses():
     r = curve.recipe_at(None, {"quantize.bits": 4})
-    assert r.steps == (Quantize(bits=4, block=64, symmetric=False),)
+    assert r.steps == (Quantize(bits=4, block=64, symmetric=False, scale_dtype="float16", zero_dtype="int"),)
     # a step the recipe lacks goes in its place in the step order (prune before quantize)
     r = curve.recipe_at(None, {"prune.sparsity": 0.5, "quantize.bits": 3})
     assert [s.name for s in r.steps] == ["prune", "quantize"] and r.steps[0] == Prune(sparsity=0.5)
@@ -146,8 +146,8 @@ def test_bits_sweep_writes_plot_and_json_and_a_rerun_is_cached(digits, tmp_path,
     bits = [p["setting"]["quantize.bits"] for p in data["points"]]
     bpw = [p["bpw"] for p in data["points"]]
     assert bits == [8, 5, 3, 2] and bpw == sorted(bpw, reverse=True) and len(set(bpw)) == 4
-    # 8 bits + a float32 scale and zero per 64 weights, plus the float biases
-    assert 9.0 < bpw[0] < 9.3
+    # 8 bits + a float16 scale and an 8-bit zero per 64 weights (8.375), plus the float biases
+    assert 8.375 < bpw[0] < 8.6
     for p in data["points"]:
         assert len(p["chunks"]) == 8 and p["loss"] == pytest.approx(sum(p["chunks"]) / 8)
         assert p["metrics"]["images"] == 360 and not p["cached"]
@@ -164,6 +164,27 @@ def test_bits_sweep_writes_plot_and_json_and_a_rerun_is_cached(digits, tmp_path,
     assert not calls and all(p["cached"] for p in again["points"])
     assert [p["loss"] for p in again["points"]] == [p["loss"] for p in result["points"]]
     assert [p["bpw"] for p in again["points"]] == bpw
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(digits, tmp_path, monkeypatch):
+    real, calls = curve.compress, []
+
+    def dies_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(curve, "compress", dies_on_the_second)
+    sweep = ["quantize.block=16,32,128"]
+    with pytest.raises(KeyboardInterrupt):
+        curve.run_curve(digits, sweep, quick=True, out_dir=tmp_path)
+    assert not (tmp_path / "curve-digits-cnn.json").exists()
+    calls.clear()
+    monkeypatch.setattr(curve, "compress", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = curve.run_curve(digits, sweep, quick=True, out_dir=tmp_path)
+    assert len(calls) == 2 and [p["cached"] for p in result["points"]] == [True, False, False]
+    assert result["fit"]["chosen"] is None and "constant" in result["summary"]  # 8 bits: no loss at any block size
 
 
 def test_a_corrupt_cache_file_is_measured_again(digits, tmp_path, point_cache):

@@ -75,11 +75,15 @@ def cmd_compress(args) -> int:
     _check_output(output)
     with status(f"loading {args.model}", args.json):
         model = load(args.model)
+    # an interrupted fine-tune resumes from here when the same command is run again
+    checkpoint = Path(args.checkpoint) if args.checkpoint else output.with_name(f".{output.name}.finetune")
     with progress_bar(f"compressing ({recipe.name})", args.json) as cb:
-        small = compress(model, recipe, progress=cb)
+        small = compress(model, recipe, progress=cb, checkpoint=checkpoint)
     with progress_bar("evaluating", args.json) as cb:
         report = evaluate(small, model, _eval_size(args), progress=cb)
     save(small, output)  # last: a run that fails leaves no file behind
+    if small.recipe.get("finetune_result"):
+        report["finetune"] = small.recipe["finetune_result"]
     report["file"] = str(output)
     report["file_bytes"] = output.stat().st_size
     _print_report(report, args.json)
@@ -183,10 +187,17 @@ def _encoding(e: dict) -> str:
     """One phrase for a tensor's encoding, e.g. 'int4 asymmetric, block 1×64 + 0.3% outliers + rank 8'."""
     arrays = e.get("arrays", ["codes"])
     parts = []
+    if "mask" in arrays:
+        n = math.prod(e["shape"])
+        parts.append(f"{100 * (1 - e.get('kept', n) / n):.0f}% pruned")
+    if "dense" in arrays:
+        parts.append("float16 values")
     if "codes" in arrays:
         grid = {"uniform": f"int{e['bits']}", "grid": f"{e['bits']}-bit grid"}[e["encoding"]]
         sym = "symmetric" if e["symmetric"] else "asymmetric"
         parts.append(f"{grid} {sym}, block {e['block'][0]}×{e['block'][1]}")
+    if e.get("entropy"):
+        parts.append("entropy-coded")
     if "col_scale" in arrays:
         parts.append("activation-scaled")
     if "sparse_index" in arrays:
@@ -225,6 +236,11 @@ def _print_report(r: dict, as_json: bool) -> None:
     if "accuracy" in q:
         table.add_row(f"test accuracy ({q['images']} images)", f"{100 * q['accuracy_float']:.2f}%",
                       f"{100 * q['accuracy']:.2f}%", f"{100 * (q['accuracy'] - q['accuracy_float']):+.2f} pt")
+    ft = r.get("finetune")
+    if ft and ft.get("held_out_loss_before") is not None:
+        table.add_row(f"held-out distillation loss ({ft['steps']} fine-tune steps)", "",
+                      f"{ft['held_out_loss_before']:.4f} → {ft['held_out_loss_after']:.4f}",
+                      f"{100 * (ft['held_out_loss_after'] / ft['held_out_loss_before'] - 1):+.1f}%")
     lat = r.get("latency")
     if lat:
         table.add_row(f"forward latency ({lat['threads']} threads)", f"{lat['float']['median_ms']:.1f} ms",
@@ -250,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="the .squash file to write (default: MODEL-RECIPE.squash here)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--quick", action="store_true", help="evaluate on a small slice of the evaluation data")
+    s.add_argument("--checkpoint", help="fine-tune checkpoint to resume from and write to "
+                   "(default: .OUTPUT.finetune beside the output; removed when the run finishes)")
     s.set_defaults(func=cmd_compress)
 
     s = sub.add_parser("eval", help="measure a .squash file again against its float model")
@@ -272,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--raw", action="store_true", help="no chat template; continue the prompt as plain text")
     s.set_defaults(func=cmd_generate)
+
+    from squash.eval.curve import add_parser as add_curve_parser
+
+    add_curve_parser(sub)
     return p
 
 

@@ -56,7 +56,9 @@ from squash.steps import STEPS, Quantize
 
 Progress = Callable[[int, int, str], None]
 
-DEFAULT_BASE = Recipe(steps=(Quantize(bits=8, block=64, symmetric=False),), name="rtn")
+# float16 scales and integer zero points: 20 bits a group of 64, the layout the presets use
+DEFAULT_BASE = Recipe(steps=(Quantize(bits=8, block=64, symmetric=False, scale_dtype="float16", zero_dtype="int"),),
+                      name="rtn")
 DEFAULT_SWEEP = "quantize.bits=8,6,5,4,3,2"
 CACHE_FORMAT = 1  # bump when what a cached point holds, or how it is measured, changes
 
@@ -767,6 +769,7 @@ def run_curve(model_name: str | Model, sweeps: Sequence[str] | str | None = None
     base = base_recipe(recipe)
     settings = parse_sweeps(sweeps)
     specs = [sweeps] if isinstance(sweeps, str) else list(sweeps or [DEFAULT_SWEEP])
+    specs = [s if isinstance(s, str) else f"{s[0]}.{s[1]}={','.join(map(_value_text, s[2]))}" for s in specs]
     recipes = [recipe_at(base, s) for s in settings]  # every recipe checked before the slow part
     if budget_bpw is not None and max_loss is not None:
         raise SquashError("give a size budget or a loss target for the allocation, not both")
@@ -872,6 +875,8 @@ def run_curve(model_name: str | Model, sweeps: Sequence[str] | str | None = None
             **plan, "recipe": mixed.to_dict(), "recipe_file": str(toml_path), "measured": final,
             "uniform_below": max(below, key=lambda p: p["bpw"])["label"] if below else None,
             "uniform_above": min(above, key=lambda p: p["bpw"])["label"] if above else None,
+            "meets_target": bool(final["bpw"] <= budget_bpw + 1e-9 if budget_bpw is not None
+                                 else final["loss"] <= max_loss + 1e-12),
         }
 
     result["summary"] = summary_text(result, fit)
@@ -940,6 +945,9 @@ def summary_text(result: dict, fit) -> str:
             if alloc.get(key):
                 u = by_label[alloc[key]]
                 text += f"; {word}, {u['label']}, has {u['bpw']:.3f} and {fmt_loss(kind, u['loss'])}"
+        if not alloc["meets_target"]:
+            text += (". The measured result misses the target: per-group losses do not add up exactly; "
+                     "ask for a tighter target")
         lines.append(text + ".")
     return "\n".join(lines)
 
