@@ -202,9 +202,10 @@ def test_bad_input_fails_before_any_work(digits, tmp_path, monkeypatch):
     monkeypatch.setattr(curve, "compress", lambda *a, **k: pytest.fail("compressed"))
     with pytest.raises(RecipeError, match="bits"):
         curve.run_curve(digits, ["quantize.bits=8,9"], out_dir=tmp_path)
-    with pytest.raises(SquashError, match="does not exist"):
-        curve.run_curve(digits, ["quantize.bits=8,4"], out_dir=tmp_path / "missing")
-    with pytest.raises(SquashError, match="not both"):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SquashError, match="not a folder"):
+        curve.run_curve(digits, ["quantize.bits=8,4"], out_dir=tmp_path / "a-file")
+    with pytest.raises(SquashError, match="not several"):
         curve.run_curve(digits, ["quantize.bits=8,4"], out_dir=tmp_path, budget_bpw=4, max_loss=1)
 
 

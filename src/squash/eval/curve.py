@@ -758,21 +758,24 @@ def run_curve(model_name: str | Model, sweeps: Sequence[str] | str | None = None
               quick: bool = False, out_dir: Path | str = Path("."), progress: Progress | None = None, *,
               sensitivity_at: Recipe | str | None = None, budget_bpw: float | None = None,
               max_loss: float | None = None, use_cache: bool = True, n_boot: int | None = None,
-              size: EvalSize | None = None) -> dict:
+              size: EvalSize | None = None, budget_mb: float | None = None) -> dict:
     """Sweep, measure (cached), fit, write curve-MODEL.png and curve-MODEL.json in `out_dir`; return the dict.
 
     sensitivity_at: also measure per-layer sensitivity at this setting ("lowest": the sweep's point with the
     fewest bits per weight; "quantize.bits=3"; a preset or TOML), written as sensitivity-MODEL.png.
     budget_bpw / max_loss: also allocate mixed precision over the sweep's settings, write mixed-MODEL.toml,
-    compress with it and measure the result."""
+    compress with it and measure the result. budget_mb: the size budget in megabytes (10^6 bytes) of stored
+    weights instead, turned into bits per weight of this model."""
     size = size or (QUICK if quick else EvalSize())
     base = base_recipe(recipe)
     settings = parse_sweeps(sweeps)
     specs = [sweeps] if isinstance(sweeps, str) else list(sweeps or [DEFAULT_SWEEP])
     specs = [s if isinstance(s, str) else f"{s[0]}.{s[1]}={','.join(map(_value_text, s[2]))}" for s in specs]
     recipes = [recipe_at(base, s) for s in settings]  # every recipe checked before the slow part
-    if budget_bpw is not None and max_loss is not None:
-        raise SquashError("give a size budget or a loss target for the allocation, not both")
+    if sum(x is not None for x in (budget_bpw, max_loss, budget_mb)) > 1:
+        raise SquashError("give one size budget or a loss target for the allocation, not several")
+    if budget_mb is not None and not budget_mb > 0:
+        raise SquashError(f"budget {budget_mb!r} MB: must be a positive number")
     low = None
     if isinstance(sensitivity_at, Recipe):
         low = sensitivity_at
@@ -780,8 +783,9 @@ def run_curve(model_name: str | Model, sweeps: Sequence[str] | str | None = None
         text = str(sensitivity_at)
         low = recipe_at(base, parse_setting(text)) if "=" in text else load_recipe(text)
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise SquashError(f"{out_dir}: the output folder does not exist")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SquashError(f"{out_dir}: exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     if isinstance(model_name, Model):
         model = model_name
@@ -793,6 +797,8 @@ def run_curve(model_name: str | Model, sweeps: Sequence[str] | str | None = None
         model = load(model_name)
     if model.compressed:
         raise SquashError(f"{model.name} is already compressed; sweep its float source instead")
+    if budget_mb is not None:
+        budget_bpw = 8 * budget_mb * 1e6 / float_weight_bytes(model.module)[0]
     quality = Quality(model, size)
     slug = _slug(model.name)
     loss_info = quality.loss
@@ -1031,6 +1037,8 @@ def add_parser(subparsers) -> None:
                         "smallest point)")
     s.add_argument("--budget-bpw", type=float, metavar="X",
                    help="mixed precision: the least-loss mix of the sweep's settings within X bits per weight")
+    s.add_argument("--budget-mb", type=float, metavar="MB",
+                   help="mixed precision: as --budget-bpw, the budget in megabytes of stored weights")
     s.add_argument("--max-loss", "--max-kl", dest="max_loss", type=float, metavar="X",
                    help="mixed precision: the smallest mix whose summed loss (KL, 1−cos or accuracy points) is ≤ X")
     s.add_argument("--no-cache", action="store_true", help="measure every point again (the cache is rewritten)")
@@ -1043,12 +1051,12 @@ def main(args) -> int:
 
     from squash.cli import out, progress_bar
 
-    if args.budget_bpw is not None and args.max_loss is not None:
-        raise SquashError("give --budget-bpw or --max-loss, not both")
+    if sum(x is not None for x in (args.budget_bpw, args.budget_mb, args.max_loss)) > 1:
+        raise SquashError("give one of --budget-bpw, --budget-mb or --max-loss")
     with progress_bar("curve", args.json) as cb:
         result = run_curve(args.model, args.sweep, args.recipe, args.quick, Path(args.out), cb,
                            sensitivity_at=args.sensitivity, budget_bpw=args.budget_bpw, max_loss=args.max_loss,
-                           use_cache=not args.no_cache)
+                           use_cache=not args.no_cache, budget_mb=args.budget_mb)
     if args.json:
         print(json.dumps(json_safe(result), indent=2, allow_nan=False))
         return 0

@@ -651,12 +651,15 @@ def summarize(result: CurveFit) -> str:
         else:
             parts.append(f"loss still climbing at {x_lo:g} bits (its ceiling, ≈ {p['L'] + p['c']:.3g}, not reached)")
         body = f"quality falls on a sigmoid ({label}, Akaike weight {w:.2f}): " + ", ".join(parts)
-    elif result.chosen == "exponential":
+    elif result.chosen == "exponential" and p["b"] < math.log(1e3):
         body = (f"every bit removed costs more than the last ({label}, Akaike weight {w:.2f}; each bit removed "
                 f"multiplies the excess loss by e^b ≈ {math.exp(p['b']):.3g}, floor ≈ {p['c']:.3g}); {knee_text}")
-    else:
+    elif result.chosen == "power" and p["p"] < math.log2(1e3):
         body = (f"loss follows a power law in the bit width ({label}, Akaike weight {w:.2f}; halving the bits "
                 f"multiplies the excess loss by 2^p ≈ {2 ** p['p']:.3g}, floor ≈ {p['c']:.3g}); {knee_text}")
+    else:  # a rate beyond any sense: flat, then one jump at the lowest points
+        body = (f"loss is flat, then jumps at the lowest widths measured ({label}, Akaike weight {w:.2f}); too few "
+                f"points on the fall to size it: measure more there; {knee_text}")
     text = lead + body
     text = text[0].upper() + text[1:] + "."
     caveats = [n for n in result.notes if n.startswith(("only ", "loss does not", "no bootstrap"))]
