@@ -96,11 +96,20 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
             "command": "python bench/pruning_table.py " + " ".join(sys.argv[1:]), "torch": torch.__version__}
-    out = RESULTS / ("pruning.json" if not args.only else f"pruning-{'-'.join(args.only)}.json")
-    out.write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
+    for r in rows:
+        r["meta"] = meta
+    out = RESULTS / "pruning.json"
+    if args.only and out.is_file():  # a partial run replaces its own rows and keeps the others
+        fresh = {(r["model"], r["recipe"]) for r in rows}
+        order = [(m, r.name) for m, r in jobs()]
+        kept = [r for r in json.loads(out.read_text())["runs"] if (r["model"], r["recipe"]) not in fresh]
+        rows = sorted(kept + rows, key=lambda r: order.index((r["model"], r["recipe"]))
+                      if (r["model"], r["recipe"]) in order else len(order))
+    out.write_text(json.dumps({"runs": rows}, indent=2))
+    runs = sorted({(r["meta"]["date"], r["meta"]["command"].strip()) for r in rows})
     lines = [
-        f"Measured {meta['date']} on {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, by "
-        f"`{meta['command'].strip()}`.",
+        f"Measured on {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, by "
+        + "; ".join(f"`{cmd}` ({date})" for date, cmd in runs) + ".",
         "",
         "| model | recipe | smaller than float32 | bits/weight | quality before fine-tuning | after fine-tuning | "
         "held-out distillation loss | entropy-coded streams | compress + fine-tune |",
@@ -112,7 +121,7 @@ def main() -> int:
             f"| {r['model']} | {r['recipe']} | {1 / a['size_ratio']:.1f}× | {a['bits_per_weight']:.3f} | "
             f"{quality_cell(r['before'])} | {quality_cell(a)} | {ft['held_out_loss_before']:.4f} → "
             f"{ft['held_out_loss_after']:.4f} | {r['entropy']} | {r['compress_seconds']:.0f} + {r['finetune_seconds']:.0f} s |")
-    md = out.with_suffix(".md")
+    md = RESULTS / "pruning.md"
     md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -300,3 +300,20 @@ def test_model_level_steps_are_refused_in_layer_rules():
         Recipe([Quantize(), Codebook()])
     with pytest.raises(RecipeError, match="no step compresses"):
         Recipe([Finetune()])
+
+
+def test_structured_pruning_of_a_gated_mlp_matches_the_masked_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval().double()
+    config = PruneChannels(sparsity=0.5, score="magnitude")
+    masked = copy.deepcopy(model)
+    masked_forward_hooks(masked, config)
+    shapes = prune_channels(model, config)
+    ids = torch.randint(100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, masked(ids).logits, rtol=0, atol=1e-10)
+    assert shapes["model.layers.0.mlp.down_proj"] == [32, 48] and shapes["model.layers.1.mlp.gate_proj"] == [48, 32]

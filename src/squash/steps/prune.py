@@ -208,7 +208,7 @@ def sparsegpt(w2d: torch.Tensor, h: torch.Tensor, config: Prune, blocksize: int 
                 M1[:, i:j2] = nm_mask(score, *nm)  # a group shorter than M only at the row's end
             w = W1[:, i]
             err = (w - w * M1[:, i]) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # W1 −= err ⊗ U1[i], in place
             Err1[:, i] = err
         mask[:, i1:i2] = M1
         W[:, i1:i2] = W1

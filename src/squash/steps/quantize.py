@@ -300,7 +300,7 @@ def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid, mas
             if mask is not None:
                 q = q * mask[:, j]
             err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # W1 −= err ⊗ U1[i], in place
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return codes, scale, zero
