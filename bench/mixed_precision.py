@@ -4,9 +4,10 @@
     .venv/bin/python bench/mixed_precision.py --budget 3.5
 
 1. Every layer group (each of the 30 decoder blocks; the token embedding tied to the output head) is compressed
-   alone at 2, 3, 4 and 8 bits (round to nearest, groups of 64, float16 scale, integer zero point), the rest of
-   the model float, and its damage measured as KL divergence on 2 windows of 512 evaluation tokens.
-2. A knapsack picks one width per group: least summed KL within the size budget (bits per weight, every stored
+   alone at each of the CHOICES (round to nearest, float16 scale, integer zero point; 2 to 8 bits, groups of 32
+   to 128), the rest of the model float, and its damage measured as KL divergence on 2 windows of 512
+   evaluation tokens.
+2. A knapsack picks one setting per group: least summed KL within the size budget (bits per weight, every stored
    byte counted). The result is written as a TOML recipe (bench/results/mixed-smollm2-135m.toml).
 3. The mixed recipe and every uniform setting of the same quantizer (bits 2-8 × groups of 16-256) near the budget
    are measured on the full evaluation text (16 windows of 512 tokens); the table compares the mixed recipe with
@@ -33,7 +34,10 @@ from squash.steps import Quantize  # noqa: E402
 
 BASE = Recipe([Quantize(bits=4, block=64, symmetric=False, scale_dtype="float16", zero_dtype="int")],
               name="rtn", min_weights=4096)
-CHOICES = ["quantize.bits=2", "quantize.bits=3", "quantize.bits=4", "quantize.bits=8"]
+# bits and group size per layer group: every uniform recipe below the budget is one of the knapsack's options
+CHOICES = ["quantize.bits=2", "quantize.bits=3;quantize.block=128", "quantize.bits=3",
+           "quantize.bits=3;quantize.block=32", "quantize.bits=4;quantize.block=128", "quantize.bits=4",
+           "quantize.bits=8"]
 UNIFORM = [(bits, block) for bits in (3, 4) for block in (16, 32, 64, 128, 256)]
 SENSITIVITY_SIZE = EvalSize(lm_window=512, lm_windows=2)
 
