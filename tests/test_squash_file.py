@@ -187,3 +187,18 @@ def test_a_header_that_does_not_fit_the_arrays(tmp_path, good_file):
 
     with pytest.raises(FormatError, match="scale has shape"):
         load_squash(_rewrite_header(good_file, tmp_path / "b.squash", wrong_block))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["tensors"]["fc1.weight"].update(kept=10**30),
+    lambda m: m["tensors"]["fc1.weight"].update(zero_frac=10**30),
+    lambda m: m["model"]["config"].update(resized={"fc1": [1]}),
+])
+def test_damaged_header_values_are_format_errors(tmp_path, good_file, edit):
+    def change(h):
+        meta = json.loads(h["__metadata__"]["squash"])
+        edit(meta)
+        h["__metadata__"]["squash"] = json.dumps(meta)
+
+    with pytest.raises(FormatError):
+        load_squash(_rewrite_header(good_file, tmp_path / "b.squash", change))

@@ -94,7 +94,8 @@ class Recipe:
     def from_dict(cls, d: dict, origin: str = "recipe") -> Recipe:
         if not isinstance(d, dict):
             raise RecipeError(f"{origin}: a recipe must be a table")
-        unknown = set(d) - {"name", "version", "exclude", "steps", "description", "layers", "min_weights"}
+        unknown = set(d) - {"name", "version", "exclude", "steps", "description", "layers", "min_weights",
+                            "finetune_result"}  # the last: what a fine-tune measured, written by squash
         if unknown:
             raise RecipeError(f"{origin}: unknown recipe key(s) {sorted(unknown)}; allowed: name, exclude, steps, layers")
         exclude = d.get("exclude", [])
@@ -243,7 +244,7 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
     for name, m in targets:
         groups.setdefault(id(m.weight), []).append((name, m))
 
-    tensors, tied, done = {}, {}, []
+    tensors, tied, done, shrunk = {}, {}, [], {}
     sparsities = _global_sparsities(recipe, groups)
 
     def apply(key: int, hessian: dict[str, torch.Tensor]) -> None:
@@ -257,8 +258,16 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
             if step.name == "prune" and not step.embeddings and isinstance(first, nn.Embedding):
                 continue
             if step.name == "prune" and step.scope == "global":
-                step = replace(step, sparsity=sparsities[key], scope="layer")
+                # a layer wholly under the global threshold prunes everything: 1 − 1e-9 rounds to all of it
+                step = replace(step, sparsity=min(sparsities[key], 1 - 1e-9), scope="layer")
+            if step.name == "entropy" and ct is None:
+                continue  # nothing stored compressed in this layer (an embedding a prune-only recipe skips)
             ct = step(w, ct, h)
+        if ct is None:  # every step skipped this layer: it stays float
+            done.append(key)
+            return
+        if tuple(w.shape) != tuple(model.module.get_parameter(f"{first_name}.weight").shape):
+            shrunk[f"{first_name}.weight"] = w  # structured pruning changed it: the float weight it stands for
         ct.extra["sqnr_db"] = sqnr_db(w, ct.dequantize())
         weight = CompressedWeight(ct)
         tensors[f"{first_name}.weight"] = ct
@@ -284,15 +293,9 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
 
         out.recipe["finetune_result"] = finetune(out, model, tune, progress, checkpoint)
         for name, ct in out.tensors.items():
-            ct.extra["sqnr_db"] = sqnr_db(_float_weight(model.module, module, name), ct.dequantize())
+            w = shrunk.get(name, None)
+            ct.extra["sqnr_db"] = sqnr_db(model.module.get_parameter(name) if w is None else w, ct.dequantize())
     return out
-
-
-def _float_weight(reference: nn.Module, compressed: nn.Module, name: str) -> torch.Tensor:
-    """The float weight a compressed tensor stands for (the shrunk one after prune_channels)."""
-    w = reference.get_parameter(name)
-    ct_shape = compressed.get_submodule(name.removesuffix(".weight")).weight_q.ct.shape
-    return w if tuple(w.shape) == tuple(ct_shape) else torch.zeros(ct_shape)
 
 
 def _tensor_steps(recipe: Recipe) -> tuple:

@@ -437,6 +437,9 @@ def sensitivity(model: Model, reference: Model, low_recipe: Recipe, size: EvalSi
                 quality: Quality | None = None, progress: Progress | None = None, use_cache: bool = True) -> list[dict]:
     """The loss each layer group causes when it alone is compressed with `low_recipe` (e.g. 2- or 3-bit round to
     nearest) and the rest of the model stays float; rows sorted by loss, most damaging first."""
+    if _model_steps(low_recipe):
+        raise RecipeError("sensitivity compresses one layer group at a time: give tensor steps only, not "
+                          "prune_channels or finetune")
     quality = quality or Quality(reference, size)
     groups = layer_groups(reference, low_recipe)
     rows = []
@@ -513,13 +516,14 @@ def _choice_recipes(choices: Sequence, base: Recipe) -> list[tuple[str, Recipe]]
             raise RecipeError(f"allocation choice {c!r}: give a Recipe, bits, or a setting such as quantize.bits=4")
     if not out:
         raise RecipeError("allocation needs at least one choice of setting")
+    for label, r in out:
+        if _model_steps(r):  # prune_channels reshapes the whole model; fine-tuning trains all of it
+            raise RecipeError(f"allocation choice {label!r}: per-layer choices take tensor steps only, not "
+                              "prune_channels or finetune")
     first = out[0][1]
     for label, r in out[1:]:
         if (r.exclude, r.min_weights, r.layers) != (first.exclude, first.min_weights, first.layers):
             raise RecipeError(f"allocation choices must share exclude, min_weights and [[layers]]; {label!r} differs")
-        if _model_steps(r) != _model_steps(first):
-            raise RecipeError(f"allocation mixes per-layer steps only; {label!r} has other model-level steps "
-                              "(prune_channels, finetune)")
     return out
 
 

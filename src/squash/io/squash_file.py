@@ -165,6 +165,13 @@ def _header_problem(h: dict) -> str | None:
             return f"tensor {name!r} has invalid bits or symmetric"
         if not isinstance(e.get("stored_bytes", 0), int) or not isinstance(e.get("extra", {}), dict):
             return f"tensor {name!r} has invalid stored_bytes or extra"
+        kept, frac = e.get("kept", 0), e.get("zero_frac", 0)
+        if not (isinstance(kept, int) and 0 <= kept <= math.prod(shape)) or not (isinstance(frac, int) and 0 <= frac <= 8):
+            return f"tensor {name!r} has invalid kept or zero_frac"
+    resized = h["model"]["config"].get("resized", {})
+    if not (isinstance(resized, dict) and all(isinstance(v, list) and len(v) >= 2 and all(
+            isinstance(d, int) and d > 0 for d in v) for v in resized.values())):
+        return "model.config.resized must map layer names to weight shapes"
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in {**h["tied"], **h["float_aliases"]}.items()):
         return "tied and float_aliases must map names to names"
     return None
@@ -184,7 +191,7 @@ def load_squash(path: str | os.PathLike, module: nn.Module | None = None) -> Mod
         raise FormatError(f"{path}: the arrays do not match the header's checksum; the file is corrupt")
     try:
         return _assemble(header, arrays, module)
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError, OverflowError) as e:
         raise FormatError(f"{path}: the header does not fit the arrays or the model ({_first_line(e)})") from e
 
 
@@ -242,6 +249,9 @@ def _tensor_from(name: str, entry: dict, arrays: dict[str, torch.Tensor]) -> Com
     fields = {f: arrays[f"{name}.{f}"] for f in present if f not in ("codes", "mask") or not entropy}
 
     def stream(f: str) -> np.ndarray:
+        alphabet = 16 if f == "mask" else 2**bits
+        if arrays[f"{name}.{f}.counts"].numel() != alphabet:
+            raise FormatError(f"tensor {name!r}: the {f} stream's count table does not have {alphabet} entries")
         try:
             return decode(CodedStream(arrays[f"{name}.{f}.counts"].numpy().view(np.uint32),
                                       arrays[f"{name}.{f}.words"].numpy().view(np.uint32),

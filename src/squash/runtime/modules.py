@@ -61,7 +61,8 @@ def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-token symmetric rounding of activations: x̂ = s_x·round(x / s_x), s_x = max|x| / (2^(b−1) − 1)."""
     qmax = 2 ** (bits - 1) - 1
     s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / qmax  # one scale per token
-    return torch.clamp(torch.round(x / s), -qmax, qmax) * s
+    q = torch.clamp(torch.round(x / s), -qmax, qmax) * s
+    return q if not x.requires_grad else x + (q - x).detach()  # straight through when fine-tuning
 
 
 class QEmbedding(nn.Module):

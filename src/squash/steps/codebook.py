@@ -93,16 +93,22 @@ def kmeans_pp(x: torch.Tensor, weight: torch.Tensor, k: int, gen: torch.Generato
     B, n = x.shape
     seeds = torch.empty(B, k, dtype=x.dtype)
     p = weight + 1e-30  # a row of all-zero weight still draws
-    idx = torch.multinomial(p.float(), 1, generator=gen)  # (B, 1)
-    seeds[:, 0] = x.gather(1, idx)[:, 0]
+    seeds[:, 0] = x.gather(1, _draw(p, gen))[:, 0]
     d2 = (x - seeds[:, :1]).pow(2)
     for a in range(1, k):
         p = weight * d2
         p = torch.where(p.sum(1, keepdim=True) > 0, p, weight + 1e-30)  # fewer distinct values than k
-        idx = torch.multinomial(p.float() + 1e-38, 1, generator=gen)
-        seeds[:, a] = x.gather(1, idx)[:, 0]
+        seeds[:, a] = x.gather(1, _draw(p, gen))[:, 0]
         d2 = torch.minimum(d2, (x - seeds[:, a : a + 1]).pow(2))
     return seeds
+
+
+def _draw(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One index per row with probability ∝ p (B, n) → (B, 1), by inverting the cumulative sum (torch.multinomial
+    stops at 2^24 categories; an embedding table has more weights)."""
+    cdf = p.double().cumsum(dim=1)  # (B, n)
+    u = torch.rand(p.shape[0], 1, generator=gen, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=p.shape[1] - 1)
 
 
 def codebook(w: torch.Tensor, config: Codebook, ct: CompressedTensor | None = None,
@@ -130,11 +136,16 @@ def codebook(w: torch.Tensor, config: Codebook, ct: CompressedTensor | None = No
     else:
         grid, assign = kmeans_1d(w2d.reshape(1, -1), omega.reshape(1, -1), k, config.seed, config.iters)
         grid, assign = grid[0], assign.reshape(rows, cols)
+    grid = grid.to(getattr(torch, config.grid_dtype))
+    # assign against the levels as stored: rounding them to float16 can move a midpoint past a weight
+    levels = grid.float() if grid.dim() == 2 else grid.float()[None, :]
+    x = w2d if grid.dim() == 2 else w2d.reshape(1, -1)
+    assign = torch.searchsorted((levels[:, 1:] + levels[:, :-1]).contiguous() / 2, x.contiguous()).reshape(rows, cols)
     codes = assign.to(torch.uint8)
     if mask is not None:
         codes = codes.masked_fill(~mask, 0)
     out = CompressedTensor(shape=shape, bits=config.bits, block=(rows, cols), codes=codes,
-                           scale=torch.ones(1, 1), grid=grid.to(getattr(torch, config.grid_dtype)), mask=mask)
+                           scale=torch.ones(1, 1), grid=grid, mask=mask)
     if ct is not None:
         out.sparse_index, out.sparse_value = ct.sparse_index, ct.sparse_value
     return out

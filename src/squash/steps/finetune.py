@@ -81,8 +81,8 @@ class TrainableWeight(nn.Module):
         self.ct = ct
         rows, cols = ct.matrix_shape
         self.rows, self.cols = rows, cols
-        if ct.codes is not None:
-            self.scale = nn.Parameter(ct.scale.float().clone())
+        if ct.codes is not None:  # scales train as logarithms: they stay positive whatever the step size
+            self.log_scale = nn.Parameter(ct.scale.float().clamp(min=1e-12).log())
             if ct.grid is None:  # latent weight on the integer grid: s·(c − z) exactly reproduces the codes
                 s = expand_blocks(ct.scale.float(), ct.block, rows, cols)
                 z = expand_blocks(ct.zero_point(), ct.block, rows, cols)
@@ -104,7 +104,7 @@ class TrainableWeight(nn.Module):
         ct = self.ct
         if ct.codes is None:
             return self.dense if ct.dense is not None else torch.zeros(self.rows, self.cols)
-        s = expand_blocks(self.scale, ct.block, self.rows, self.cols)
+        s = expand_blocks(self.log_scale.exp(), ct.block, self.rows, self.cols)
         if ct.grid is None:
             z = expand_blocks(ct.zero_point(), ct.block, self.rows, self.cols)
             q = torch.clamp(self.latent / s + z, *self._limits())
@@ -145,7 +145,7 @@ class TrainableWeight(nn.Module):
         ct = self.ct
         out = replace(ct, extra=dict(ct.extra))
         if ct.codes is not None:
-            out.scale = self.scale.detach().clamp(min=1e-12).to(ct.scale.dtype)
+            out.scale = self.log_scale.detach().exp().to(ct.scale.dtype)
             if ct.grid is None:
                 s = expand_blocks(out.scale.float(), ct.block, self.rows, self.cols)
                 z = expand_blocks(ct.zero_point(), ct.block, self.rows, self.cols)
@@ -254,7 +254,7 @@ def _trainable_params(student: nn.Module, config: Finetune) -> tuple[list[dict],
             named[name] = p
         else:
             p.requires_grad_(False)
-    fast = {n for n in named if n.endswith((".scale", ".grid")) or named[n].dim() <= 1}
+    fast = {n for n in named if n.endswith((".log_scale", ".grid")) or named[n].dim() <= 1}
     groups = [{"params": [named[n] for n in named if n not in fast], "lr": config.lr},
               {"params": [named[n] for n in named if n in fast], "lr": config.lr_scale}]
     return [g for g in groups if g["params"]], named
@@ -343,6 +343,8 @@ def finetune(student, teacher, config: Finetune, progress: Progress | None = Non
             with torch.no_grad():
                 t_out = teacher.module(**batch)
             loss = distillation_loss(student.kind, student.module, t_out, batch, config.temperature)
+            if not torch.isfinite(loss):
+                raise SquashError(f"fine-tuning diverged at step {step + 1} (loss {loss.item()}); lower lr or lr_scale")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -350,11 +352,12 @@ def finetune(student, teacher, config: Finetune, progress: Progress | None = Non
                 _save_checkpoint(ckpt, step + 1, key, named, opt)
             if progress:
                 progress(step + 1, config.steps, f"distillation loss {loss.item():.4f}")
-        after = held_out_loss(student.kind, student.module, teacher.module, held, config.temperature)
     finally:
         for p in student.module.parameters():
             p.requires_grad_(False)
     _detach(student, weights)
+    # measured on the tensors as stored (float16 scales, re-rounded codes), not on the training forward pass
+    after = held_out_loss(student.kind, student.module, teacher.module, held, config.temperature)
     if ckpt:
         ckpt.unlink(missing_ok=True)
     return {"held_out_loss_before": before, "held_out_loss_after": after, "steps": config.steps,
