@@ -255,8 +255,8 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         w = first.weight.data
         ct = None
         for step in recipe.steps_for([n for n, _ in members]):
-            if step.name == "prune" and not step.embeddings and isinstance(first, nn.Embedding):
-                continue
+            if step.name == "prune" and not step.embeddings and any(isinstance(m, nn.Embedding) for _, m in members):
+                continue  # an embedding table (or an output head tied to one) is not pruned unless asked
             if step.name == "prune" and step.scope == "global":
                 # a layer wholly under the global threshold prunes everything: 1 − 1e-9 rounds to all of it
                 step = replace(step, sparsity=min(sparsities[key], 1 - 1e-9), scope="layer")
@@ -312,7 +312,7 @@ def _global_sparsities(recipe: Recipe, groups: dict) -> dict[int, float]:
     for key, members in groups.items():
         steps = recipe.steps_for([n for n, _ in members])
         prune = next((s for s in steps if s.name == "prune" and s.scope == "global"), None)
-        if prune is not None and (prune.embeddings or not isinstance(members[0][1], nn.Embedding)):
+        if prune is not None and (prune.embeddings or not any(isinstance(m, nn.Embedding) for _, m in members)):
             chosen.setdefault(prune.sparsity, {})[key] = members[0][1].weight.data
     out = {}
     for sparsity, weights in chosen.items():
