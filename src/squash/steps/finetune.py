@@ -7,7 +7,8 @@ Loss (teacher t = the float model, student s = the compressed model, calibration
 
 What trains (everything else is fixed, masks included):
     integer grids   a latent float weight W̃ (initialised to Ŵ, so training starts from the compressed model) and
-                    the block scales s; the forward pass uses Ŵ = M ⊙ s·(⌊W̃/s + z⌉ − z)·diag(r), the rounding
+                    the block scales s (trained as log s: they stay positive); the forward pass uses
+                    Ŵ = M ⊙ s·(⌊W̃/s + z⌉ − z)·diag(r), the rounding
                     passed by the straight-through estimator (∂⌊x⌉/∂x := 1 inside the clamp range, 0 outside;
                     Bengio et al. 2013), so s learns as in LSQ (Esser et al. 2020). Codes are re-rounded at the end.
     custom grids    the levels G (k-means centroids), the scales and a latent W̃ (starting at G[c]): the forward
