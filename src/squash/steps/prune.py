@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 
 from squash.errors import RecipeError
+from squash.steps.quantize import dampened, inverse_cholesky
 from squash.tensor import CompressedTensor, matrix_shape
 
 SCORES = ("magnitude", "activation", "sparsegpt")
@@ -167,21 +168,12 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask
 
 
-def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """U with H⁻¹ = UᵀU (upper), for H dampened by damp·mean(diag H); and the dead input columns (H_jj = 0)."""
-    cols = h.shape[0]
-    H = h.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H += damp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float(), dead
-
-
 def sparsegpt(w2d: torch.Tensor, h: torch.Tensor, config: Prune, blocksize: int = 128
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask, compensated weights) by the SparseGPT loop; unstructured masks prune exactly round(sparsity·n)."""
     rows, cols = w2d.shape
-    U, dead = inverse_cholesky(h, config.damp)
+    H, dead = dampened(h, config.damp)
+    U = inverse_cholesky(H)
     W = w2d.clone()
     W[:, dead] = 0.0
     mask = torch.ones(rows, cols, dtype=torch.bool)

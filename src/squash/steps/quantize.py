@@ -234,6 +234,20 @@ def _nearest(w2d: torch.Tensor, config: Quantize, block, grid, h_diag: torch.Ten
     return from_blocks(c.nan_to_num(nan=0.0), block, rows, cols), s, z
 
 
+def dampened(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """H + damp·mean(diag H)·I in float64, a dead input (H_jj = 0) given H_jj = 1; and the dead inputs."""
+    H = h.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    return H, dead
+
+
+def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """U, upper triangular, with H⁻¹ = UᵀU: the factor the GPTQ / SparseGPT loops walk."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+
+
 def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid, mask: torch.Tensor | None = None):
     """GPTQ with lazy batch updates. Natural order: group scales chosen on the updated weights as the walk reaches
     each group. Act order: columns visited by decreasing H_jj, scales fixed up front (static groups).
@@ -242,15 +256,11 @@ def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid, mas
     rows, cols = w2d.shape
     br, bc = block
     W = w2d.clone()
-    H = h.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    H, dead = dampened(h, config.damp)
     W[:, dead] = 0.0
-    H += config.damp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
     h_diag = torch.diag(H).float()
     perm = torch.argsort(h_diag, descending=True) if config.act_order else torch.arange(cols)
-    H = H[perm][:, perm]
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # H⁻¹ = UᵀU
+    U = inverse_cholesky(H[perm][:, perm])
 
     n_groups = math.ceil(cols / bc)
     R = 1 if br == rows else rows
