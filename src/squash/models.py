@@ -43,6 +43,7 @@ class Model:
     tensors:   compressed tensors by parameter name (empty for a float model)
     tied:      parameter name → the name it shares storage with
     recipe:    the recipe that produced it, as a dict
+    runtime:   layer name → "packed 8-bit" / "reference: why" when loaded by runtime.packed.load_packed
     """
 
     module: nn.Module
@@ -54,6 +55,7 @@ class Model:
     tensors: dict = field(default_factory=dict)
     tied: dict = field(default_factory=dict)
     recipe: dict | None = None
+    runtime: dict = field(default_factory=dict)  # layer → how it runs, when loaded for running (load_packed)
 
     @property
     def compressed(self) -> bool:

@@ -1,0 +1,213 @@
+// squash's CPU kernel: y = x · Ŵᵀ computed straight from packed codes, never materialising Ŵ.
+//
+//   Ŵ[n, k] = s[n, b] · (G[c[n, k]] − z[n, b]),   b = k / block
+//   y[m, n] = Σ_b s[n, b] · Σ_{k ∈ b} x[m, k] · (G[c[n, k]] − z[n, b])
+//
+// Codes are laid out per row:
+//   bits = 8: one byte a code, c[n, k] at codes[n, k]; G is the identity (levels 0…255).
+//   bits = 4: 32 codes in 16 bytes; byte i of a chunk holds code i in its low nibble and code i + 16 in its
+//             high nibble (ggml's Q4_0 order), so one 16-byte load gives two 16-lane vectors with a mask and a
+//             shift. G has 16 levels per row (or one row for the whole tensor): uniform, NF4 or a codebook.
+// Each block is dequantised into registers 16 weights at a time and used for up to 8 rows of x before the
+// next 16 are read (weights stream from memory once per 8 tokens; at batch 1 the kernel is bound by the
+// bytes of the codes). Rows of the output are split over threads with at::parallel_for.
+//
+// A scalar version of the same loop serves CPUs without AVX-512 and is what the vector code is tested against
+// (besides the dequantize-then-matmul reference in Python).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+struct Args {
+  const float* x; int64_t M, K;      // (M, K)
+  const uint8_t* codes; int64_t row_bytes, bits;
+  const float* grid; int64_t grid_rows;  // (grid_rows, 16); unused for bits = 8
+  const float* scale; const float* zero; int64_t nblocks, block;  // (N, nblocks)
+  int64_t zstep;                     // 1: a zero per block; 0: one zero for the tensor (symmetric)
+  float* y; int64_t N;               // (M, N)
+};
+
+inline float level_scalar(const Args& a, int64_t n, int64_t k) {
+  const uint8_t* row = a.codes + n * a.row_bytes;
+  if (a.bits == 8) return static_cast<float>(row[k]);
+  const int64_t chunk = k / 32, i = k % 32;
+  const uint8_t byte = row[chunk * 16 + (i % 16)];
+  const int code = i < 16 ? (byte & 0xF) : (byte >> 4);
+  const float* g = a.grid + (a.grid_rows == 1 ? 0 : n * 16);
+  return g[code];
+}
+
+void rows_scalar(const Args& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* x = a.x + m * a.K;
+      double total = 0.0;  // the scalar path is the exact one: accumulate in double
+      for (int64_t b = 0; b < a.nblocks; ++b) {
+        const float s = a.scale[n * a.nblocks + b], z = a.zero[(n * a.nblocks + b) * a.zstep];
+        const int64_t k1 = std::min(a.K, (b + 1) * a.block);
+        double acc = 0.0;
+        for (int64_t k = b * a.block; k < k1; ++k) acc += double(x[k]) * (level_scalar(a, n, k) - z);
+        total += double(s) * acc;
+      }
+      a.y[m * a.N + n] = static_cast<float>(total);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512
+
+#define SQUASH_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+// 16 dequantised weights s·(G[c] − z) for k ∈ [k, k + 16) of an 8-bit row (masked at the tail).
+SQUASH_AVX512 inline __m512 weights8(const uint8_t* row, int64_t k, __mmask16 mask, __m512 s, __m512 zs) {
+  const __m128i bytes = _mm_maskz_loadu_epi8(mask, row + k);
+  const __m512 lv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+  return _mm512_fmsub_ps(lv, s, zs);  // G[c]·s − z·s
+}
+
+// One FMA chain has a 4-cycle latency; U independent accumulators per token row keep the FMA units busy
+// when there are few tokens (U·MB ≥ 4 chains).
+template <int MB, int U>
+SQUASH_AVX512 void row8(const Args& a, int64_t n, int64_t m0) {
+  const uint8_t* row = a.codes + n * a.row_bytes;
+  __m512 acc[MB][U];
+  for (int j = 0; j < MB; ++j)
+    for (int u = 0; u < U; ++u) acc[j][u] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.nblocks; ++b) {
+    const float sf = a.scale[n * a.nblocks + b];
+    const __m512 s = _mm512_set1_ps(sf), zs = _mm512_set1_ps(sf * a.zero[(n * a.nblocks + b) * a.zstep]);
+    const int64_t k1 = std::min(a.K, (b + 1) * a.block);
+    int64_t k = b * a.block;
+    for (; k + 16 * U <= k1; k += 16 * U) {
+      __m512 w[U];
+      for (int u = 0; u < U; ++u) w[u] = weights8(row, k + 16 * u, (__mmask16)0xFFFF, s, zs);
+      for (int j = 0; j < MB; ++j)
+        for (int u = 0; u < U; ++u)
+          acc[j][u] = _mm512_fmadd_ps(_mm512_loadu_ps(a.x + (m0 + j) * a.K + k + 16 * u), w[u], acc[j][u]);
+    }
+    for (; k < k1; k += 16) {
+      const int64_t left = k1 - k;
+      const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+      const __m512 w = weights8(row, k, mask, s, zs);
+      for (int j = 0; j < MB; ++j)
+        acc[j][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a.x + (m0 + j) * a.K + k), w, acc[j][0]);
+    }
+  }
+  for (int j = 0; j < MB; ++j) {
+    for (int u = 1; u < U; ++u) acc[j][0] = _mm512_add_ps(acc[j][0], acc[j][u]);
+    a.y[(m0 + j) * a.N + n] = _mm512_reduce_add_ps(acc[j][0]);
+  }
+}
+
+template <int MB, int U>
+SQUASH_AVX512 void row4(const Args& a, int64_t n, int64_t m0) {
+  const uint8_t* row = a.codes + n * a.row_bytes;
+  const __m512 g = _mm512_loadu_ps(a.grid + (a.grid_rows == 1 ? 0 : n * 16));
+  const __m512i low = _mm512_set1_epi32(0xF);
+  __m512 acc[MB][2 * U];
+  for (int j = 0; j < MB; ++j)
+    for (int u = 0; u < 2 * U; ++u) acc[j][u] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.nblocks; ++b) {
+    const float sf = a.scale[n * a.nblocks + b];
+    const __m512 s = _mm512_set1_ps(sf), zs = _mm512_set1_ps(sf * a.zero[(n * a.nblocks + b) * a.zstep]);
+    const int64_t k1 = std::min(a.K, (b + 1) * a.block);
+    for (int64_t k = b * a.block; k < k1; k += 32 * U) {  // block is a multiple of 32 (or the whole row)
+      __m512 w[2 * U];
+      __mmask16 mask[2 * U];
+      for (int u = 0; u < U; ++u) {
+        const int64_t kk = k + 32 * u;
+        if (kk >= k1) {  // past the block's end: nothing to read (the row may end here)
+          w[2 * u] = w[2 * u + 1] = _mm512_setzero_ps();
+          mask[2 * u] = mask[2 * u + 1] = 0;
+          continue;
+        }
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + kk / 2)));
+        w[2 * u] = _mm512_fmsub_ps(_mm512_permutexvar_ps(_mm512_and_si512(c, low), g), s, zs);
+        w[2 * u + 1] = _mm512_fmsub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), g), s, zs);
+        const int64_t left = k1 - kk;
+        mask[2 * u] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+        mask[2 * u + 1] = left >= 32 ? (__mmask16)0xFFFF : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
+      }
+      for (int j = 0; j < MB; ++j) {
+        const float* xr = a.x + (m0 + j) * a.K + k;
+        for (int u = 0; u < 2 * U; ++u)
+          acc[j][u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask[u], xr + 16 * u), w[u], acc[j][u]);
+      }
+    }
+  }
+  for (int j = 0; j < MB; ++j) {
+    for (int u = 1; u < 2 * U; ++u) acc[j][0] = _mm512_add_ps(acc[j][0], acc[j][u]);
+    a.y[(m0 + j) * a.N + n] = _mm512_reduce_add_ps(acc[j][0]);
+  }
+}
+
+template <int MB>
+SQUASH_AVX512 void row_any(const Args& a, int64_t n, int64_t m0) {
+  constexpr int U = MB >= 4 ? 1 : (MB >= 2 ? 2 : 4);
+  if (a.bits == 8) row8<MB, U>(a, n, m0); else row4<MB, (U + 1) / 2>(a, n, m0);
+}
+
+SQUASH_AVX512 void rows_avx512(const Args& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 8 <= a.M; m += 8) row_any<8>(a, n, m);
+    switch (a.M - m) {
+      case 7: row_any<7>(a, n, m); break;
+      case 6: row_any<6>(a, n, m); break;
+      case 5: row_any<5>(a, n, m); break;
+      case 4: row_any<4>(a, n, m); break;
+      case 3: row_any<3>(a, n, m); break;
+      case 2: row_any<2>(a, n, m); break;
+      case 1: row_any<1>(a, n, m); break;
+      default: break;
+    }
+  }
+}
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+}  // namespace
+
+// y (M, N) = x (M, K) · Ŵᵀ. `vector` = false forces the scalar loop (for tests).
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor codes, int64_t bits, torch::Tensor grid,
+                      torch::Tensor scale, torch::Tensor zero, int64_t block, bool vector) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes: uint8 (N, bytes)");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  const int64_t need = bits == 8 ? K : (K + 31) / 32 * 16;
+  TORCH_CHECK(codes.size(1) == need, "codes hold ", codes.size(1), " bytes a row; ", need, " expected");
+  TORCH_CHECK(block > 0 && (block >= K || block % (bits == 8 ? 16 : 32) == 0), "block ", block, " unsupported");
+  const int64_t nblocks = (K + block - 1) / block;
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.size(0) == N && scale.size(1) == nblocks, "scale: float32 (N, blocks)");
+  TORCH_CHECK(zero.scalar_type() == torch::kFloat32 && zero.is_contiguous() && (zero.sizes() == scale.sizes() || zero.numel() == 1),
+              "zero: like scale, or one value");
+  if (bits == 4) {
+    TORCH_CHECK(grid.scalar_type() == torch::kFloat32 && grid.is_contiguous() && grid.dim() == 2 && grid.size(1) == 16 &&
+                (grid.size(0) == 1 || grid.size(0) == N), "grid: float32 (1 or N, 16)");
+  }
+  auto y = torch::empty({M, N}, x.options());
+  Args a{x.data_ptr<float>(), M, K, codes.data_ptr<uint8_t>(), codes.size(1), bits,
+         bits == 4 ? grid.data_ptr<float>() : nullptr, bits == 4 ? grid.size(0) : 0,
+         scale.data_ptr<float>(), zero.data_ptr<float>(), nblocks, block, zero.numel() == 1 ? 0 : 1,
+         y.data_ptr<float>(), N};
+  const bool simd = vector && has_avx512();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K * M / 64));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (simd) rows_avx512(a, n0, n1); else rows_scalar(a, n0, n1);
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("qmatmul", &qmatmul, "y = x · Ŵᵀ from packed 8- or 4-bit codes (see kernels.cpp)");
+  m.def("has_avx512", &has_avx512);
+}

@@ -1,0 +1,68 @@
+"""squash's own CPU kernel (kernels.cpp), built on first use with the compiler PyTorch extensions use.
+
+Why our own: at batch 1 the matmul ops PyTorch 2.13 ships for packed weights on CPU are slower than float32
+here (`_weight_int8pack_mm` 0.2–0.6×, `_weight_int4pack_mm_for_cpu` ~0.1× of `F.linear` on smollm2's shapes;
+bench/kernels.py measures it), so a packed model would save memory and lose time. The kernel reads the codes
+once, dequantises 16 weights at a time into registers and multiplies them with up to 8 tokens.
+
+    y = qmatmul(x, packed)          # (M, K) float32 → (M, N)
+
+The build lands in the squash cache (one folder per source and torch version) and is reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from squash.errors import SquashError
+
+_SOURCE = Path(__file__).with_name("kernels.cpp")
+_lock = threading.Lock()
+_ext = None
+
+
+def extension():
+    """The compiled module (compiled once per source text and torch version, then loaded from the cache)."""
+    global _ext
+    if _ext is not None:
+        return _ext
+    with _lock:
+        if _ext is None:
+            from torch.utils import cpp_extension
+
+            from squash.models import cache_dir
+
+            digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+            build = cache_dir() / "kernels" / digest
+            build.mkdir(parents=True, exist_ok=True)
+            try:
+                _ext = cpp_extension.load(name=f"squash_kernels_{digest}", sources=[str(_SOURCE)],
+                                          build_directory=str(build), extra_cflags=["-O3", "-fopenmp"],
+                                          extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:  # no compiler, no ninja: the reference path still works
+                raise SquashError(f"could not build squash's CPU kernel ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
+                                  "install g++ and ninja, or load without the fast runtime") from e
+    return _ext
+
+
+def available() -> bool:
+    try:
+        extension()
+        return True
+    except SquashError:
+        return False
+
+
+def qmatmul(x: torch.Tensor, codes: torch.Tensor, bits: int, grid: torch.Tensor | None, scale: torch.Tensor,
+            zero: torch.Tensor, block: int, vector: bool = True) -> torch.Tensor:
+    """y (M, N) = x (M, K) · Ŵᵀ with Ŵ[n, k] = scale[n, b]·(G[c[n, k]] − zero[n, b]), b = k // block."""
+    empty = grid if grid is not None else torch.empty(0, 16)
+    return extension().qmatmul(x, codes, bits, empty, scale, zero, block, vector)
+
+
+os.environ.setdefault("MAX_JOBS", "2")  # the build uses this machine's 2 cores, no more

@@ -1,0 +1,286 @@
+"""The fast runtime: compressed weights kept packed in memory and multiplied by squash's kernel.
+
+A CompressedTensor W ≈ s·(G[c] − z)·diag(r) + U·V + S becomes a PackedWeight:
+
+    codes   uint8 (N, K) for 5–8 bits; two 4-bit codes a byte for ≤ 4 bits, 32 codes in 16 bytes:
+            byte i of a chunk = c[i] | c[i + 16] << 4   (the order one vector load unpacks)
+    grid    (1 or N, 16) float32 levels for ≤ 4 bits (0…15 for the integer grid; NF4; a codebook)
+    scale, zero   float32 (N, blocks): each block is one row high, `block` codes wide (the last may be short);
+                  a symmetric tensor holds one zero point
+    col_scale r, low-rank U·V and outliers S stay as they are and are added around the kernel:
+
+    y = qmatmul(x·diag(r), codes) + (x·Vᵀ)·Uᵀ + x·Sᵀ
+
+The float weight matrix is never built. Widths of 2–3 bits are held in 4-bit nibbles (a 4-bit grid whose
+upper levels are unused) and 5–7 bits in bytes: memory is then 4 or 8 bits a weight, not the stored width.
+What cannot be packed (pruning masks, float-kept tensors, per-tensor 8-bit grids) keeps the reference
+module, and `accelerate` says which and why.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from squash.runtime import kernels
+from squash.tensor import CompressedTensor
+
+
+@dataclass
+class PackedWeight:
+    shape: tuple[int, int]  # (N, K)
+    bits: int               # 8 or 4: the width the kernel reads
+    codes: torch.Tensor
+    grid: torch.Tensor | None
+    scale: torch.Tensor
+    zero: torch.Tensor
+    block: int
+    col_scale: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    sparse_rows: torch.Tensor | None = None
+    sparse_cols: torch.Tensor | None = None
+    sparse_value: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Bytes held in memory."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.grid, self.scale, self.zero, self.col_scale, self.u, self.v,
+                            self.sparse_rows, self.sparse_cols, self.sparse_value) if t is not None]
+
+
+def why_not_packable(ct: CompressedTensor) -> str | None:
+    """None when the kernel can run this tensor, else the reason it cannot."""
+    if ct.codes is None:
+        return "no codes (float or low-rank only)"
+    if ct.mask is not None:
+        return "pruning mask"
+    if len(ct.shape) != 2:
+        return "not a matrix (convolution)"
+    rows, cols = ct.matrix_shape
+    bc = ct.block[1]
+    if ct.bits > 4 and ct.grid is not None:
+        return f"{ct.bits}-bit custom grid"
+    step = 16 if ct.bits > 4 else 32
+    if bc < cols and bc % step:
+        return f"group of {bc} (the kernel needs a multiple of {step} or whole rows)"
+    return None
+
+
+def pack(ct: CompressedTensor) -> PackedWeight:
+    """The kernel's layout of a packable CompressedTensor (see why_not_packable)."""
+    reason = why_not_packable(ct)
+    if reason:
+        raise ValueError(f"cannot pack: {reason}")
+    N, K = ct.matrix_shape
+    br, bc = ct.block
+    block = min(bc, K)
+    scale = ct.scale.float().repeat_interleave(br, dim=0)[:N].contiguous()
+    if ct.zero is None:  # symmetric: one zero point for the whole tensor
+        zero = torch.tensor([ct.midpoint()], dtype=torch.float32)
+    else:
+        zero = ct.zero_point().float().repeat_interleave(br, dim=0)[:N].contiguous()
+    if ct.bits > 4:
+        bits, codes, grid = 8, ct.codes.to(torch.uint8).contiguous(), None
+    else:
+        bits, codes = 4, pack_nibbles(ct.codes)
+        if ct.grid is None:
+            grid = torch.arange(16, dtype=torch.float32)[None]
+        else:
+            g = ct.grid.float().reshape(-1, ct.grid.shape[-1])  # (1 or N, levels)
+            grid = F.pad(g, (0, 16 - g.shape[1])).contiguous()
+    pw = PackedWeight((N, K), bits, codes, grid, scale, zero, block)
+    if ct.col_scale is not None:
+        pw.col_scale = ct.col_scale.float()
+    if ct.u is not None:
+        pw.u, pw.v = ct.u.float().contiguous(), ct.v.float().contiguous()
+    if ct.sparse_index is not None:
+        idx = ct.sparse_index.long()
+        pw.sparse_rows, pw.sparse_cols, pw.sparse_value = idx // K, idx % K, ct.sparse_value.float()
+    return pw
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes < 16 → (N, ceil(K/32)·16) bytes; byte i of each 32-code chunk = c[i] | c[i+16] << 4."""
+    N, K = codes.shape
+    Kp = math.ceil(K / 32) * 32
+    c = F.pad(codes.to(torch.uint8), (0, Kp - K)).reshape(N, Kp // 32, 2, 16)  # (N, chunks, half, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """Inverse of pack_nibbles: (n, bytes) → (n, K) codes."""
+    n = packed.shape[0]
+    b = packed.reshape(n, -1, 1, 16)  # (n, chunks, 1, 16)
+    return torch.cat([b & 0xF, b >> 4], dim=2).reshape(n, -1)[:, :K]
+
+
+def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    """Ŵ[rows] (len(rows), K) from the packed form: the embedding lookup and the reference for tests."""
+    N, K = pw.shape
+    codes = pw.codes[rows] if pw.bits == 8 else unpack_nibbles(pw.codes[rows], K)
+    if pw.grid is None:
+        levels = codes.float()
+    elif pw.grid.shape[0] == 1:
+        levels = pw.grid[0][codes.long()]
+    else:
+        levels = torch.gather(pw.grid[rows], 1, codes.long())
+    s = pw.scale[rows].repeat_interleave(pw.block, dim=1)[:, :K]
+    z = pw.zero if pw.zero.numel() == 1 else pw.zero[rows].repeat_interleave(pw.block, dim=1)[:, :K]
+    w = s * (levels - z)
+    if pw.col_scale is not None:
+        w = w * pw.col_scale
+    if pw.u is not None:
+        w = w + pw.u[rows] @ pw.v
+    if pw.sparse_rows is not None:
+        w = w + _sparse_rows(pw, rows)
+    return w
+
+
+def _sparse_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(len(rows), pw.shape[1])
+    where = torch.full((pw.shape[0],), -1, dtype=torch.long)
+    where[rows] = torch.arange(len(rows))
+    hit = where[pw.sparse_rows] >= 0
+    out.index_put_((where[pw.sparse_rows[hit]], pw.sparse_cols[hit]), pw.sparse_value[hit], accumulate=True)
+    return out
+
+
+def packed_matmul(x: torch.Tensor, pw: PackedWeight, vector: bool = True) -> torch.Tensor:
+    """y = x·Ŵᵀ for x (..., K), float32 out."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pw.shape[1]).float().contiguous()  # (M, K)
+    xq = x2 * pw.col_scale if pw.col_scale is not None else x2
+    y = kernels.qmatmul(xq.contiguous(), pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, vector)
+    if pw.u is not None:
+        y = y + (x2 @ pw.v.T) @ pw.u.T  # (M, r) · (r, N)
+    if pw.sparse_rows is not None:
+        y.index_add_(1, pw.sparse_rows, x2[:, pw.sparse_cols] * pw.sparse_value)
+    return y.reshape(*lead, pw.shape[0])
+
+
+class PackedLinear(nn.Module):
+    """y = x·Ŵᵀ + b from packed codes."""
+
+    def __init__(self, pw: PackedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.pw = pw
+        self.bias = None if bias is None else bias.detach().float().clone()
+        self.out_features, self.in_features = pw.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = packed_matmul(x, self.pw)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.pw.bits}-bit"
+
+
+class PackedEmbedding(nn.Module):
+    """Rows of Ŵ looked up by index, dequantised from the packed codes (only the rows asked for)."""
+
+    def __init__(self, pw: PackedWeight, padding_idx: int | None):
+        super().__init__()
+        self.pw = pw
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = pw.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_rows(self.pw, ids.reshape(-1))
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+
+def accelerate(module: nn.Module) -> dict[str, str]:
+    """Swap every packable compressed Linear/Embedding for its packed form, in place.
+
+    Returns {module name: "packed 8-bit" | "packed 4-bit" | "reference: <reason>"}. Tied modules (an
+    embedding shared with the output head) share one PackedWeight. The unpacked codes are released.
+    """
+    from squash.runtime.modules import QEmbedding, QLinear
+
+    kernels.extension()  # build (or load) the kernel before touching the model
+    done: dict[int, PackedWeight] = {}
+    report: dict[str, str] = {}
+    for name, mod in list(module.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if not isinstance(child, (QLinear, QEmbedding)):
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            ct = child.weight_q.ct
+            if child.weight_q.trainable is not None or ct.extra.get("activation_bits"):
+                report[full] = "reference: trained or activation-quantised layer"
+                continue
+            reason = why_not_packable(ct)
+            if reason:
+                report[full] = f"reference: {reason}"
+                continue
+            pw = done.get(id(ct)) or pack(ct)
+            done[id(ct)] = pw
+            new = PackedLinear(pw, child.bias) if isinstance(child, QLinear) else PackedEmbedding(pw, child.padding_idx)
+            setattr(mod, child_name, new)
+            report[full] = f"packed {pw.bits}-bit"
+    _release_memory()
+    return report
+
+
+def _release_memory() -> None:
+    """Give freed heap pages back to the OS so resident memory shows what the model holds (glibc only)."""
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def concat_packed(pws: list[PackedWeight]) -> PackedWeight | None:
+    """The rows of several PackedWeights of one input stacked into one (for fused projections), or None
+    when their storage differs (width, group, column scales, low-rank terms)."""
+    first = pws[0]
+    if any(p.bits != first.bits or p.block != first.block or p.shape[1] != first.shape[1] or p.u is not None
+           for p in pws):
+        return None
+    if any((p.col_scale is None) != (first.col_scale is None) or
+           (p.col_scale is not None and not torch.equal(p.col_scale, first.col_scale)) for p in pws):
+        return None
+    grid = None
+    if first.bits == 4:
+        same = all(p.grid.shape[0] == 1 and torch.equal(p.grid, first.grid) for p in pws)
+        grid = first.grid if same else torch.cat([p.grid.expand(p.shape[0], 16) for p in pws]).contiguous()
+    out = PackedWeight((sum(p.shape[0] for p in pws), first.shape[1]), first.bits,
+                       torch.cat([p.codes for p in pws]).contiguous(), grid,
+                       torch.cat([p.scale for p in pws]).contiguous(), _cat_zero(pws),
+                       first.block, col_scale=first.col_scale)
+    if any(p.sparse_rows is not None for p in pws):
+        offsets = torch.tensor([0] + [p.shape[0] for p in pws]).cumsum(0)
+        parts = [(p.sparse_rows + offsets[i], p.sparse_cols, p.sparse_value) for i, p in enumerate(pws)
+                 if p.sparse_rows is not None]
+        out.sparse_rows, out.sparse_cols, out.sparse_value = (torch.cat([x[j] for x in parts]) for j in range(3))
+    return out
+
+
+def load_packed(path) -> "Model":
+    """A .squash file loaded for running: packable weights packed (see accelerate), the rest on the
+    reference path; the model's `runtime` maps each compressed layer to how it runs."""
+    from squash.io.squash_file import load_squash
+
+    model = load_squash(path)
+    report = accelerate(model.module)
+    packed = {f"{name}.weight" for name, how in report.items() if how.startswith("packed")}
+    model.tensors = {n: ct for n, ct in model.tensors.items() if n not in packed}  # their codes live packed now
+    model.runtime = report
+    _release_memory()
+    return model
+
+
+def _cat_zero(pws: list[PackedWeight]) -> torch.Tensor:
+    if all(p.zero.numel() == 1 for p in pws) and len({float(p.zero) for p in pws}) == 1:
+        return pws[0].zero
+    return torch.cat([p.zero.expand_as(p.scale) for p in pws]).contiguous()

@@ -1,0 +1,180 @@
+"""The fast runtime: squash's kernel against the dequantize-then-matmul reference, packing, the LLaMA decoder.
+
+Tolerances: the kernel accumulates in float32 in a different order from the reference (float64 here), so
+|y − y_ref| ≤ 1e-5·max|y_ref| for K ≤ 2048 (float32 rounding grows like √K·2⁻²⁴ relative to the terms);
+whole models are compared at 1e-4 of the largest logit (errors pass through 2–30 layers).
+"""
+import pytest
+import torch
+
+import squash
+from squash.recipe import Recipe
+from squash.runtime import kernels
+from squash.runtime.modules import QEmbedding, QLinear
+from squash.runtime.packed import (PackedEmbedding, PackedLinear, PackedWeight, accelerate, dequantize_rows, pack,
+                                   pack_nibbles, packed_matmul, unpack_nibbles, why_not_packable)
+from squash.steps import Codebook, LowRank, Outliers, Prune, Quantize, codebook, lowrank, outliers, prune, quantize
+
+KERNEL_RTOL = 1e-5
+MODEL_RTOL = 1e-4
+
+
+def _close(y, ref, rtol):
+    err = float((y.double() - ref.double()).abs().max())
+    assert err <= rtol * float(ref.abs().max()), f"max error {err:.3g} vs max |ref| {float(ref.abs().max()):.3g}"
+
+
+def _random_packed(bits, N, K, block, per_row_grid=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(0, 2**bits, (N, K), dtype=torch.uint8, generator=g)
+    nb = -(-K // block)
+    s = torch.rand(N, nb, generator=g) + 0.1
+    z = torch.rand(N, nb, generator=g) * 2**bits
+    grid = None if bits == 8 else torch.randn(N if per_row_grid else 1, 16, generator=g)
+    return PackedWeight((N, K), bits, c if bits == 8 else pack_nibbles(c), grid, s, z, min(block, K)), c
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M,N,K,block", [(1, 37, 576, 64), (3, 50, 576, 128), (9, 20, 100, 32), (1, 8, 1536, 1536),
+                                         (17, 33, 70, 64), (2, 1, 31, 31), (8, 5, 2048, 128)])
+def test_kernel_matches_reference_on_random_codes(bits, M, N, K, block):
+    pw, _ = _random_packed(bits, N, K, block, per_row_grid=(N % 2 == 1))
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ dequantize_rows(pw, torch.arange(N)).double().T
+    _close(packed_matmul(x, pw), ref, KERNEL_RTOL)                 # AVX-512 (where the CPU has it)
+    _close(packed_matmul(x, pw, vector=False), ref, KERNEL_RTOL)   # the scalar loop
+
+
+def test_kernel_refuses_bad_layouts():
+    pw, _ = _random_packed(4, 4, 128, 32)
+    x = torch.randn(1, 128)
+    with pytest.raises(RuntimeError, match="block"):
+        kernels.qmatmul(x, pw.codes, 4, pw.grid, pw.scale[:, :2].contiguous(), pw.zero[:, :2].contiguous(), 48)
+    with pytest.raises(RuntimeError, match="bytes a row"):
+        kernels.qmatmul(torch.randn(1, 96), pw.codes, 4, pw.grid, pw.scale, pw.zero, 32)
+
+
+def test_nibble_packing_round_trips():
+    c = torch.randint(0, 16, (5, 77), dtype=torch.uint8)
+    p = pack_nibbles(c)
+    assert p.shape == (5, 48)  # 77 codes → 3 chunks of 32 → 48 bytes
+    assert torch.equal(unpack_nibbles(p, 77), c)
+
+
+# ------------------------------------------------------------ real compressed tensors
+
+
+def _weights(digits):
+    """Real weights: the digits CNN's first dense layer, plus a random matrix with odd sizes."""
+    fc = dict(digits.module.named_parameters())
+    real = next(p for n, p in fc.items() if p.dim() == 2 and p.shape[1] >= 64).detach().float()
+    return {"real": real, "random": torch.randn(45, 200, generator=torch.Generator().manual_seed(3))}
+
+
+CASES = {
+    "int8-channel": lambda w: quantize(w, Quantize(bits=8, block="channel")),
+    "int8-g32-asym": lambda w: quantize(w, Quantize(bits=8, block=32, symmetric=False)),
+    "int4-g64-intzero": lambda w: quantize(w, Quantize(bits=4, block=64, symmetric=False, zero_dtype="int",
+                                                       scale_dtype="float16")),
+    "int3-g32": lambda w: quantize(w, Quantize(bits=3, block=32, symmetric=False)),
+    "int6-channel": lambda w: quantize(w, Quantize(bits=6, block="channel", symmetric=False)),
+    "nf4-g64": lambda w: quantize(w, Quantize(bits=4, block=64, grid="nf")),
+    "codebook4-row": lambda w: codebook(w, Codebook(bits=4, scope="row")),
+    "int4+outliers+lowrank": lambda w: lowrank(w, LowRank(rank=4),
+                                               quantize(w, Quantize(bits=4, block=32), outliers(w, Outliers(0.01)))),
+    "int4-tensor": lambda w: quantize(w, Quantize(bits=4, block="tensor")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("which", ["real", "random"])
+def test_packed_linear_matches_reference_module(digits, case, which):
+    w = _weights(digits)[which]
+    ct = CASES[case](w)
+    if why_not_packable(ct):
+        pytest.skip(f"not packable: {why_not_packable(ct)}")
+    from squash.runtime.modules import CompressedWeight
+
+    bias = torch.randn(w.shape[0])
+    ref_mod = QLinear(CompressedWeight(ct), bias)
+    fast = PackedLinear(pack(ct), bias)
+    for M in (1, 5, 12):
+        x = torch.randn(M, w.shape[1], generator=torch.Generator().manual_seed(M))
+        _close(fast(x), ref_mod(x), KERNEL_RTOL)
+    _close(dequantize_rows(pack(ct), torch.arange(w.shape[0])), ct.dequantize(), 1e-6)
+
+
+def test_masked_and_grouped_oddly_tensors_stay_on_the_reference_path():
+    w = torch.randn(16, 96)
+    assert "mask" in why_not_packable(quantize(w, Quantize(bits=8), prune(w, Prune(0.5))))
+    assert "group of 48" in why_not_packable(quantize(w, Quantize(bits=4, block=48)))
+    assert why_not_packable(quantize(w, Quantize(bits=8, block=40))) == "group of 40 (the kernel needs a multiple of 16 or whole rows)"
+    assert why_not_packable(quantize(w, Quantize(bits=8, block=48))) is None
+
+
+# ------------------------------------------------------------ whole models
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("recipe", ["int8", "rtn4", "nf4"])
+def test_accelerated_llama_matches_reference_and_decoder_matches_transformers(tmp_path, recipe):
+    from squash.runtime.llama import Decoder
+
+    small = squash.compress(_tiny_llama(), squash.load_recipe(recipe))
+    ids = torch.randint(128, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = small.module(ids).logits[0]
+    report = accelerate(small.module)
+    assert report and all(v.startswith("packed") for v in report.values()), report
+    assert not any(isinstance(m, (QLinear, QEmbedding)) for m in small.module.modules())
+    assert isinstance(small.module.model.embed_tokens, PackedEmbedding)
+    with torch.inference_mode():
+        _close(small.module(ids).logits[0], ref, MODEL_RTOL)
+    dec = Decoder(small.module, max_len=64)
+    _close(dec.forward(ids[0], 0, last_only=False), ref, MODEL_RTOL)
+    dec2 = Decoder(small.module, max_len=64)  # the cache: prefill 12, then one at a time, then 3 at once
+    dec2.forward(ids[0, :12], 0)
+    for t in range(12, 17):
+        _close(dec2.forward(ids[0, t:t + 1], t)[0], ref[t], MODEL_RTOL)
+    _close(dec2.forward(ids[0, 17:20], 17, last_only=False), ref[17:20], MODEL_RTOL)
+
+
+def test_decoder_generates_what_transformers_generates():
+    from squash.runtime.llama import Decoder
+
+    model = _tiny_llama(seed=1)
+    ids = torch.randint(128, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, do_sample=False,
+                            pad_token_id=0)[0, 7:].tolist()
+    ours, timing = Decoder(model, max_len=64).generate(ids[0], 15)
+    assert ours == hf
+    assert timing.decode_tokens == 14 and timing.prefill_tokens == 7
+
+
+def test_load_packed_drops_unpacked_codes(tmp_path):
+    from squash.runtime.packed import load_packed
+
+    from squash.models import Model
+
+    module = _tiny_llama()
+    hf = {k: v for k, v in module.config.to_dict().items() if not k.startswith("_")}
+    model = Model(module=module, kind="causal-lm", name="tiny", config={"hf_config": hf})
+    small = squash.compress(model, Recipe([Quantize(bits=4, block=32)]))
+    path = tmp_path / "tiny.squash"
+    squash.save(small, path)
+    fast = load_packed(path)
+    assert fast.runtime and all(v == "packed 4-bit" for v in fast.runtime.values())
+    assert not fast.tensors  # every tensor lives packed
+    held = {id(m.pw): m.pw.nbytes() for m in fast.module.modules() if isinstance(m, (PackedLinear, PackedEmbedding))}
+    params = sum(ct.numel for ct in small.tensors.values())
+    assert sum(held.values()) < 0.75 * params  # 4 bits a code + scales: well under a byte a weight
