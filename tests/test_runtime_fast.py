@@ -159,6 +159,10 @@ def test_decoder_generates_what_transformers_generates():
     ours, timing = Decoder(model, max_len=64).generate(ids[0], 15)
     assert ours == hf
     assert timing.decode_tokens == 14 and timing.prefill_tokens == 7
+    with torch.inference_mode():
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, do_sample=False,
+                            repetition_penalty=1.3, pad_token_id=0)[0, 7:].tolist()
+    assert Decoder(model, max_len=64).generate(ids[0], 15, repetition_penalty=1.3)[0] == hf
 
 
 def test_load_packed_drops_unpacked_codes(tmp_path):
@@ -178,3 +182,38 @@ def test_load_packed_drops_unpacked_codes(tmp_path):
     held = {id(m.pw): m.pw.nbytes() for m in fast.module.modules() if isinstance(m, (PackedLinear, PackedEmbedding))}
     params = sum(ct.numel for ct in small.tensors.values())
     assert sum(held.values()) < 0.75 * params  # 4 bits a code + scales: well under a byte a weight
+
+
+def test_w8a8_layers_run_on_int8_matmul_and_match_the_reference():
+    from squash.runtime.modules import CompressedWeight
+    from squash.runtime.packed import PackedW8A8Linear
+
+    w = torch.randn(70, 96)
+    ct = quantize(w, Quantize(bits=8, block="channel", activations=8))
+    ref = QLinear(CompressedWeight(ct), torch.randn(70))
+    fast = PackedW8A8Linear(ct, ref.bias)
+    for M in (1, 3, 40):
+        x = torch.randn(2, M, 96)
+        # same integer products; only the float32 order of the final scaling differs
+        _close(fast(x), ref(x), KERNEL_RTOL)
+    net = torch.nn.Sequential(torch.nn.Linear(96, 70), torch.nn.ReLU(), torch.nn.Linear(70, 5))
+    small = squash.compress(net, squash.load_recipe("w8a8"))
+    x = torch.randn(4, 96)
+    with torch.inference_mode():
+        before = small.module(x)
+        report = accelerate(small.module)
+        _close(small.module(x), before, KERNEL_RTOL)
+    assert set(report.values()) == {"int8×int8 matmul"}
+
+
+def test_the_gpu_path_formula_matches_the_kernel():
+    # No GPU here: the device path (rebuild Ŵ from the packed arrays where they live, then matmul) is run on
+    # the CPU by calling it directly, so the formula it uses is checked even where no GPU is lent.
+    from torch.nn import functional as F
+
+    pw, _ = _random_packed(4, 40, 200, 64)
+    x = torch.randn(3, 200)
+    w = dequantize_rows(pw, torch.arange(40))
+    _close(F.linear(x, w), packed_matmul(x, pw), KERNEL_RTOL)
+    moved = PackedLinear(pw, None).to(torch.float32)  # a dtype-only .to keeps the packed arrays as they are
+    assert moved.pw.codes.dtype == torch.uint8

@@ -69,86 +69,95 @@ SQUASH_AVX512 inline __m512 weights8(const uint8_t* row, int64_t k, __mmask16 ma
   return _mm512_fmsub_ps(lv, s, zs);  // G[c]·s − z·s
 }
 
-// One FMA chain has a 4-cycle latency; U independent accumulators per token row keep the FMA units busy
-// when there are few tokens (U·MB ≥ 4 chains).
-template <int MB, int U>
+// One FMA chain has a 4-cycle latency: C independent accumulators per token row keep the FMA units busy when
+// there are few tokens (C·MB ≥ 4 chains). Whole 64-weight steps run unmasked; a block's ragged end is masked.
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
+
+template <int MB, int C>
+SQUASH_AVX512 inline void fma4(const Args& a, int64_t m0, int64_t k, const __m512 (&w)[4], __m512 (&acc)[MB][C]) {
+  for (int j = 0; j < MB; ++j) {
+    const float* xr = a.x + (m0 + j) * a.K + k;
+    for (int u = 0; u < 4; ++u) acc[j][u % C] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16 * u), w[u], acc[j][u % C]);
+  }
+}
+
+template <int MB, int C>
 SQUASH_AVX512 void row8(const Args& a, int64_t n, int64_t m0) {
   const uint8_t* row = a.codes + n * a.row_bytes;
-  __m512 acc[MB][U];
+  __m512 acc[MB][C];
   for (int j = 0; j < MB; ++j)
-    for (int u = 0; u < U; ++u) acc[j][u] = _mm512_setzero_ps();
+    for (int u = 0; u < C; ++u) acc[j][u] = _mm512_setzero_ps();
   for (int64_t b = 0; b < a.nblocks; ++b) {
     const float sf = a.scale[n * a.nblocks + b];
     const __m512 s = _mm512_set1_ps(sf), zs = _mm512_set1_ps(sf * a.zero[(n * a.nblocks + b) * a.zstep]);
     const int64_t k1 = std::min(a.K, (b + 1) * a.block);
     int64_t k = b * a.block;
-    for (; k + 16 * U <= k1; k += 16 * U) {
-      __m512 w[U];
-      for (int u = 0; u < U; ++u) w[u] = weights8(row, k + 16 * u, (__mmask16)0xFFFF, s, zs);
-      for (int j = 0; j < MB; ++j)
-        for (int u = 0; u < U; ++u)
-          acc[j][u] = _mm512_fmadd_ps(_mm512_loadu_ps(a.x + (m0 + j) * a.K + k + 16 * u), w[u], acc[j][u]);
+    for (; k + 64 <= k1; k += 64) {
+      __m512 w[4];
+      for (int u = 0; u < 4; ++u) w[u] = weights8(row, k + 16 * u, (__mmask16)0xFFFF, s, zs);
+      fma4<MB, C>(a, m0, k, w, acc);
     }
     for (; k < k1; k += 16) {
-      const int64_t left = k1 - k;
-      const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+      const __mmask16 mask = tail_mask(k1 - k);
       const __m512 w = weights8(row, k, mask, s, zs);
       for (int j = 0; j < MB; ++j)
         acc[j][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a.x + (m0 + j) * a.K + k), w, acc[j][0]);
     }
   }
   for (int j = 0; j < MB; ++j) {
-    for (int u = 1; u < U; ++u) acc[j][0] = _mm512_add_ps(acc[j][0], acc[j][u]);
+    for (int u = 1; u < C; ++u) acc[j][0] = _mm512_add_ps(acc[j][0], acc[j][u]);
     a.y[(m0 + j) * a.N + n] = _mm512_reduce_add_ps(acc[j][0]);
   }
 }
 
-template <int MB, int U>
+// 32 codes (16 bytes) → two vectors of dequantised weights s·(G[c] − z).
+SQUASH_AVX512 inline void weights4(const uint8_t* bytes, __m512 g, __m512 s, __m512 zs, __m512& w0, __m512& w1) {
+  const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  w0 = _mm512_fmsub_ps(_mm512_permutexvar_ps(_mm512_and_si512(c, _mm512_set1_epi32(0xF)), g), s, zs);
+  w1 = _mm512_fmsub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), g), s, zs);
+}
+
+template <int MB, int C>
 SQUASH_AVX512 void row4(const Args& a, int64_t n, int64_t m0) {
   const uint8_t* row = a.codes + n * a.row_bytes;
   const __m512 g = _mm512_loadu_ps(a.grid + (a.grid_rows == 1 ? 0 : n * 16));
-  const __m512i low = _mm512_set1_epi32(0xF);
-  __m512 acc[MB][2 * U];
+  __m512 acc[MB][C];
   for (int j = 0; j < MB; ++j)
-    for (int u = 0; u < 2 * U; ++u) acc[j][u] = _mm512_setzero_ps();
+    for (int u = 0; u < C; ++u) acc[j][u] = _mm512_setzero_ps();
   for (int64_t b = 0; b < a.nblocks; ++b) {
     const float sf = a.scale[n * a.nblocks + b];
     const __m512 s = _mm512_set1_ps(sf), zs = _mm512_set1_ps(sf * a.zero[(n * a.nblocks + b) * a.zstep]);
     const int64_t k1 = std::min(a.K, (b + 1) * a.block);
-    for (int64_t k = b * a.block; k < k1; k += 32 * U) {  // block is a multiple of 32 (or the whole row)
-      __m512 w[2 * U];
-      __mmask16 mask[2 * U];
-      for (int u = 0; u < U; ++u) {
-        const int64_t kk = k + 32 * u;
-        if (kk >= k1) {  // past the block's end: nothing to read (the row may end here)
-          w[2 * u] = w[2 * u + 1] = _mm512_setzero_ps();
-          mask[2 * u] = mask[2 * u + 1] = 0;
-          continue;
-        }
-        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + kk / 2)));
-        w[2 * u] = _mm512_fmsub_ps(_mm512_permutexvar_ps(_mm512_and_si512(c, low), g), s, zs);
-        w[2 * u + 1] = _mm512_fmsub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), g), s, zs);
-        const int64_t left = k1 - kk;
-        mask[2 * u] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-        mask[2 * u + 1] = left >= 32 ? (__mmask16)0xFFFF : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
-      }
+    int64_t k = b * a.block;  // a multiple of 32: blocks are multiples of 32 or the whole row
+    for (; k + 64 <= k1; k += 64) {
+      __m512 w[4];
+      weights4(row + k / 2, g, s, zs, w[0], w[1]);
+      weights4(row + k / 2 + 16, g, s, zs, w[2], w[3]);
+      fma4<MB, C>(a, m0, k, w, acc);
+    }
+    for (; k < k1; k += 32) {  // the last 32 (or fewer) codes of the block
+      __m512 w0, w1;
+      weights4(row + k / 2, g, s, zs, w0, w1);
+      const __mmask16 m0mask = tail_mask(k1 - k), m1mask = tail_mask(k1 - k - 16);
       for (int j = 0; j < MB; ++j) {
         const float* xr = a.x + (m0 + j) * a.K + k;
-        for (int u = 0; u < 2 * U; ++u)
-          acc[j][u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask[u], xr + 16 * u), w[u], acc[j][u]);
+        acc[j][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0mask, xr), w0, acc[j][0]);
+        acc[j][C - 1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1mask, xr + 16), w1, acc[j][C - 1]);
       }
     }
   }
   for (int j = 0; j < MB; ++j) {
-    for (int u = 1; u < 2 * U; ++u) acc[j][0] = _mm512_add_ps(acc[j][0], acc[j][u]);
+    for (int u = 1; u < C; ++u) acc[j][0] = _mm512_add_ps(acc[j][0], acc[j][u]);
     a.y[(m0 + j) * a.N + n] = _mm512_reduce_add_ps(acc[j][0]);
   }
 }
 
 template <int MB>
 SQUASH_AVX512 void row_any(const Args& a, int64_t n, int64_t m0) {
-  constexpr int U = MB >= 4 ? 1 : (MB >= 2 ? 2 : 4);
-  if (a.bits == 8) row8<MB, U>(a, n, m0); else row4<MB, (U + 1) / 2>(a, n, m0);
+  constexpr int C = MB >= 4 ? 1 : (MB >= 2 ? 2 : 4);
+  if (a.bits == 8) row8<MB, C>(a, n, m0); else row4<MB, C>(a, n, m0);
 }
 
 SQUASH_AVX512 void rows_avx512(const Args& a, int64_t n0, int64_t n1) {

@@ -109,9 +109,14 @@ class Decoder:
         inv = 1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
         ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)  # (max_len, D/2)
         self.cos, self.sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (max_len, D)
-        shape = (len(self.layers), self.n_kv, max_len, self.head_dim)
-        self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
+        self.k_cache = self.v_cache = torch.zeros(len(self.layers), self.n_kv, 0, self.head_dim)  # grown on demand
         self.inter = f.gate_proj.out_features
+
+    def _grow(self, need: int) -> None:
+        """Room for `need` positions (doubling, at most max_len): the cache is sized by the text, not the limit."""
+        cap = min(self.max_len, max(need, 2 * self.k_cache.shape[2], 256))
+        grow = lambda c: torch.cat([c, c.new_zeros(c.shape[0], c.shape[1], cap - c.shape[2], c.shape[3])], 2)
+        self.k_cache, self.v_cache = grow(self.k_cache), grow(self.v_cache)
 
     def _rms(self, h, g):
         return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * g
@@ -129,6 +134,8 @@ class Decoder:
         if pos + T > self.max_len:
             raise SquashError(f"context of {pos + T} tokens exceeds the decoder's {self.max_len}")
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        if pos + T > self.k_cache.shape[2]:
+            self._grow(pos + T)
         h = self.embed(ids).float()  # (T, C)
         for i, L in enumerate(self.layers):
             x = self._rms(h, L["n1"])
@@ -150,8 +157,11 @@ class Decoder:
         return self.lm_head(h).float()  # (1 or T, vocab)
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, eos: int | None = None,
-                 generator: torch.Generator | None = None) -> tuple[list[int], Timing]:
-        """Greedy (temperature 0) or sampled continuation of `ids` (T,); returns the new ids and timings."""
+                 generator: torch.Generator | None = None, repetition_penalty: float = 1.0
+                 ) -> tuple[list[int], Timing]:
+        """Greedy (temperature 0) or sampled continuation of `ids` (T,); returns the new ids and timings.
+        repetition_penalty p: logits of tokens already seen are divided by p when positive, multiplied when
+        negative (transformers' rule)."""
         timing = Timing()
         t0 = time.perf_counter()
         logits = self.forward(ids, 0)
@@ -159,7 +169,13 @@ class Decoder:
         out: list[int] = []
         pos = len(ids)
         for _ in range(max_new_tokens):
-            nxt = _pick(logits[-1], temperature, generator)
+            last = logits[-1]
+            if repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(ids.tolist()) | set(out)))
+                vals = last[seen]
+                last = last.clone()
+                last[seen] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
+            nxt = _pick(last, temperature, generator)
             out.append(nxt)
             if (eos is not None and nxt == eos) or len(out) == max_new_tokens:
                 break

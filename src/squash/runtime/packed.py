@@ -46,6 +46,14 @@ class PackedWeight:
     sparse_cols: torch.Tensor | None = None
     sparse_value: torch.Tensor | None = None
 
+    def to(self, device) -> "PackedWeight":
+        """The same weight with every array on `device` (the GPU path dequantizes there per call)."""
+        from dataclasses import fields, replace
+
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
+
     def nbytes(self) -> int:
         """Bytes held in memory."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -144,16 +152,20 @@ def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _sparse_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(len(rows), pw.shape[1])
-    where = torch.full((pw.shape[0],), -1, dtype=torch.long)
-    where[rows] = torch.arange(len(rows))
+    out = torch.zeros(len(rows), pw.shape[1], device=rows.device)
+    where = torch.full((pw.shape[0],), -1, dtype=torch.long, device=rows.device)
+    where[rows] = torch.arange(len(rows), device=rows.device)
     hit = where[pw.sparse_rows] >= 0
     out.index_put_((where[pw.sparse_rows[hit]], pw.sparse_cols[hit]), pw.sparse_value[hit], accumulate=True)
     return out
 
 
 def packed_matmul(x: torch.Tensor, pw: PackedWeight, vector: bool = True) -> torch.Tensor:
-    """y = x·Ŵᵀ for x (..., K), float32 out."""
+    """y = x·Ŵᵀ for x (..., K), float32 out. On a GPU (no squash kernel there) Ŵ is rebuilt per call from the
+    packed codes on the device and multiplied there: memory stays packed, speed is the GPU's matmul."""
+    if pw.codes.device.type != "cpu":
+        w = dequantize_rows(pw, torch.arange(pw.shape[0], device=pw.codes.device))
+        return F.linear(x, w.to(x.dtype)).float()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.shape[1]).float().contiguous()  # (M, K)
     xq = x2 * pw.col_scale if pw.col_scale is not None else x2
@@ -178,6 +190,12 @@ class PackedLinear(nn.Module):
         y = packed_matmul(x, self.pw)
         return y if self.bias is None else y + self.bias
 
+    def _apply(self, fn, recurse=True):  # .to(device) moves the packed arrays too
+        self.pw = _moved(self.pw, fn)
+        if self.bias is not None:
+            self.bias = fn(self.bias)
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.pw.bits}-bit"
 
@@ -195,11 +213,62 @@ class PackedEmbedding(nn.Module):
         rows = dequantize_rows(self.pw, ids.reshape(-1))
         return rows.reshape(*ids.shape, self.embedding_dim)
 
+    def _apply(self, fn, recurse=True):
+        self.pw = _moved(self.pw, fn)
+        return super()._apply(fn, recurse)
+
+
+_MOVED: dict = {}
+
+
+def _moved(pw: PackedWeight, fn) -> PackedWeight:
+    """fn applied to a PackedWeight's arrays, once per weight even when tied modules move it twice."""
+    probe = fn(pw.codes)
+    if probe.device == pw.codes.device:
+        return pw  # a dtype change or no move: packed arrays keep their own dtypes
+    key = (id(pw), str(probe.device))
+    if key not in _MOVED:
+        _MOVED.clear()  # only the latest move is remembered: enough to keep a tied pair tied
+        _MOVED[key] = pw.to(probe.device)
+    return _MOVED[key]
+
+
+def w8a8_packable(ct: CompressedTensor) -> bool:
+    """int8 weights and activations run on PyTorch's int8×int8→int32 matmul (oneDNN, VNNI/AMX) when the weight
+    has one symmetric scale per output channel and nothing besides its codes."""
+    rows, cols = ct.matrix_shape
+    return (ct.extra.get("activation_bits") == 8 and ct.bits == 8 and ct.grid is None and ct.zero is None
+            and ct.block == (1, cols) and len(ct.shape) == 2 and ct.mask is None and ct.u is None
+            and ct.sparse_index is None and ct.col_scale is None)
+
+
+class PackedW8A8Linear(nn.Module):
+    """y = (q(x)·Cᵀ)·s_x·s_w + b with int8 activations q(x) = round(x / s_x), s_x = max|x| / 127 per token
+    (the reference QLinear's activation rounding) and int8 weights C = c − 128: one int32 matmul."""
+
+    def __init__(self, ct: CompressedTensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = (ct.codes.to(torch.int16) - 128).to(torch.int8).contiguous()  # (N, K)
+        self.scale = ct.scale.float().reshape(-1)  # (N,)
+        self.bias = None if bias is None else bias.detach().float().clone()
+        self.out_features, self.in_features = self.weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        sx = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
+        xq = torch.clamp(torch.round(x2 / sx), -127, 127).to(torch.int8)
+        y = torch._int_mm(xq, self.weight.T).float() * sx * self.scale  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
 
 def accelerate(module: nn.Module) -> dict[str, str]:
     """Swap every packable compressed Linear/Embedding for its packed form, in place.
 
-    Returns {module name: "packed 8-bit" | "packed 4-bit" | "reference: <reason>"}. Tied modules (an
+    Returns {module name: "packed 8-bit" | "packed 4-bit" | "int8×int8 matmul" | "reference: <reason>"}
+    (W8A8 layers run on torch._int_mm). Tied modules (an
     embedding shared with the output head) share one PackedWeight. The unpacked codes are released.
     """
     from squash.runtime.modules import QEmbedding, QLinear
@@ -213,8 +282,15 @@ def accelerate(module: nn.Module) -> dict[str, str]:
                 continue
             full = f"{name}.{child_name}" if name else child_name
             ct = child.weight_q.ct
-            if child.weight_q.trainable is not None or ct.extra.get("activation_bits"):
-                report[full] = "reference: trained or activation-quantised layer"
+            if child.weight_q.trainable is not None:
+                report[full] = "reference: being trained"
+                continue
+            if isinstance(child, QLinear) and w8a8_packable(ct):
+                setattr(mod, child_name, PackedW8A8Linear(ct, child.bias))
+                report[full] = "int8×int8 matmul"
+                continue
+            if ct.extra.get("activation_bits"):
+                report[full] = "reference: activation rounding with a weight layout int8 matmul cannot take"
                 continue
             reason = why_not_packable(ct)
             if reason:
@@ -273,7 +349,7 @@ def load_packed(path) -> "Model":
 
     model = load_squash(path)
     report = accelerate(model.module)
-    packed = {f"{name}.weight" for name, how in report.items() if how.startswith("packed")}
+    packed = {f"{name}.weight" for name, how in report.items() if not how.startswith("reference")}
     model.tensors = {n: ct for n, ct in model.tensors.items() if n not in packed}  # their codes live packed now
     model.runtime = report
     _release_memory()
