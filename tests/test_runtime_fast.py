@@ -217,3 +217,16 @@ def test_the_gpu_path_formula_matches_the_kernel():
     _close(F.linear(x, w), packed_matmul(x, pw), KERNEL_RTOL)
     moved = PackedLinear(pw, None).to(torch.float32)  # a dtype-only .to keeps the packed arrays as they are
     assert moved.pw.codes.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_many_tokens_take_the_tiled_path_and_match(bits):
+    from squash.runtime import packed
+
+    pw, _ = _random_packed(bits, 600, 200, 64, per_row_grid=True)  # 600 rows: three tiles, the last partial
+    x = torch.randn(packed.TILED_FROM + 3, 200)
+    ref = x.double() @ dequantize_rows(pw, torch.arange(600)).double().T
+    _close(packed_matmul(x, pw), ref, KERNEL_RTOL)
+    _close(packed_matmul(x, pw, vector=False), ref, KERNEL_RTOL)
+    tile = kernels.dequantize(200, pw.codes, bits, pw.grid, pw.scale, pw.zero, 64, 5, 17)
+    _close(tile, dequantize_rows(pw, torch.arange(5, 17)), 1e-6)

@@ -177,6 +177,42 @@ SQUASH_AVX512 void rows_avx512(const Args& a, int64_t n0, int64_t n1) {
   }
 }
 
+// Rows n0 … n1 of Ŵ written out as float32 (for many tokens at once: tiles of Ŵ go to a float GEMM).
+SQUASH_AVX512 void dequant_rows_avx512(const Args& a, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = a.codes + n * a.row_bytes;
+    float* o = out + (n - n0) * a.K;
+    const __m512 g = a.bits == 4 ? _mm512_loadu_ps(a.grid + (a.grid_rows == 1 ? 0 : n * 16)) : _mm512_setzero_ps();
+    for (int64_t b = 0; b < a.nblocks; ++b) {
+      const float sf = a.scale[n * a.nblocks + b];
+      const __m512 s = _mm512_set1_ps(sf), zs = _mm512_set1_ps(sf * a.zero[(n * a.nblocks + b) * a.zstep]);
+      const int64_t k1 = std::min(a.K, (b + 1) * a.block);
+      if (a.bits == 8) {
+        for (int64_t k = b * a.block; k < k1; k += 16) {
+          const __mmask16 mask = tail_mask(k1 - k);
+          _mm512_mask_storeu_ps(o + k, mask, weights8(row, k, mask, s, zs));
+        }
+      } else {
+        for (int64_t k = b * a.block; k < k1; k += 32) {
+          __m512 w0, w1;
+          weights4(row + k / 2, g, s, zs, w0, w1);
+          _mm512_mask_storeu_ps(o + k, tail_mask(k1 - k), w0);
+          _mm512_mask_storeu_ps(o + k + 16, tail_mask(k1 - k - 16), w1);
+        }
+      }
+    }
+  }
+}
+
+void dequant_rows_scalar(const Args& a, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t b = 0; b < a.nblocks; ++b) {
+      const float s = a.scale[n * a.nblocks + b], z = a.zero[(n * a.nblocks + b) * a.zstep];
+      for (int64_t k = b * a.block; k < std::min(a.K, (b + 1) * a.block); ++k)
+        out[(n - n0) * a.K + k] = s * (level_scalar(a, n, k) - z);
+    }
+}
+
 bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl");
@@ -185,38 +221,63 @@ bool has_avx512() {
 
 }  // namespace
 
-// y (M, N) = x (M, K) · Ŵᵀ. `vector` = false forces the scalar loop (for tests).
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor codes, int64_t bits, torch::Tensor grid,
-                      torch::Tensor scale, torch::Tensor zero, int64_t block, bool vector) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
+// Checks the packed arrays and fills Args (x and y left for the caller).
+Args check_args(int64_t K, torch::Tensor codes, int64_t bits, torch::Tensor grid, torch::Tensor scale,
+                torch::Tensor zero, int64_t block) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes: uint8 (N, bytes)");
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  const int64_t N = codes.size(0);
   const int64_t need = bits == 8 ? K : (K + 31) / 32 * 16;
   TORCH_CHECK(codes.size(1) == need, "codes hold ", codes.size(1), " bytes a row; ", need, " expected");
   TORCH_CHECK(block > 0 && (block >= K || block % (bits == 8 ? 16 : 32) == 0), "block ", block, " unsupported");
   const int64_t nblocks = (K + block - 1) / block;
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.size(0) == N && scale.size(1) == nblocks, "scale: float32 (N, blocks)");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == N &&
+              scale.size(1) == nblocks, "scale: float32 (N, blocks)");
   TORCH_CHECK(zero.scalar_type() == torch::kFloat32 && zero.is_contiguous() && (zero.sizes() == scale.sizes() || zero.numel() == 1),
               "zero: like scale, or one value");
   if (bits == 4) {
     TORCH_CHECK(grid.scalar_type() == torch::kFloat32 && grid.is_contiguous() && grid.dim() == 2 && grid.size(1) == 16 &&
                 (grid.size(0) == 1 || grid.size(0) == N), "grid: float32 (1 or N, 16)");
   }
+  return Args{nullptr, 0, K, codes.data_ptr<uint8_t>(), codes.size(1), bits,
+              bits == 4 ? grid.data_ptr<float>() : nullptr, bits == 4 ? grid.size(0) : 0,
+              scale.data_ptr<float>(), zero.data_ptr<float>(), nblocks, block, zero.numel() == 1 ? 0 : 1, nullptr, N};
+}
+
+// y (M, N) = x (M, K) · Ŵᵀ. `vector` = false forces the scalar loop (for tests).
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor codes, int64_t bits, torch::Tensor grid,
+                      torch::Tensor scale, torch::Tensor zero, int64_t block, bool vector) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  Args a = check_args(x.size(1), codes, bits, grid, scale, zero, block);
+  const int64_t M = x.size(0), K = x.size(1), N = a.N;
   auto y = torch::empty({M, N}, x.options());
-  Args a{x.data_ptr<float>(), M, K, codes.data_ptr<uint8_t>(), codes.size(1), bits,
-         bits == 4 ? grid.data_ptr<float>() : nullptr, bits == 4 ? grid.size(0) : 0,
-         scale.data_ptr<float>(), zero.data_ptr<float>(), nblocks, block, zero.numel() == 1 ? 0 : 1,
-         y.data_ptr<float>(), N};
+  a.x = x.data_ptr<float>();
+  a.M = M;
+  a.y = y.data_ptr<float>();
   const bool simd = vector && has_avx512();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K * M / 64));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     if (simd) rows_avx512(a, n0, n1); else rows_scalar(a, n0, n1);
   });
   return y;
 }
 
+// Rows [n0, n1) of Ŵ as float32 (n1 − n0, K).
+torch::Tensor dequantize(int64_t K, torch::Tensor codes, int64_t bits, torch::Tensor grid, torch::Tensor scale,
+                         torch::Tensor zero, int64_t block, int64_t n0, int64_t n1, bool vector) {
+  Args a = check_args(K, codes, bits, grid, scale, zero, block);
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= a.N, "rows out of range");
+  auto out = torch::empty({n1 - n0, K}, torch::dtype(torch::kFloat32));
+  float* o = out.data_ptr<float>();
+  const bool simd = vector && has_avx512();
+  at::parallel_for(n0, n1, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+    if (simd) dequant_rows_avx512(a, r0, r1, o + (r0 - n0) * K); else dequant_rows_scalar(a, r0, r1, o + (r0 - n0) * K);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "y = x · Ŵᵀ from packed 8- or 4-bit codes (see kernels.cpp)");
+  m.def("dequantize", &dequantize, "rows [n0, n1) of Ŵ as float32");
   m.def("has_avx512", &has_avx512);
 }

@@ -66,3 +66,10 @@ def qmatmul(x: torch.Tensor, codes: torch.Tensor, bits: int, grid: torch.Tensor 
 
 
 os.environ.setdefault("MAX_JOBS", "2")  # the build uses this machine's 2 cores, no more
+
+
+def dequantize(K: int, codes: torch.Tensor, bits: int, grid: torch.Tensor | None, scale: torch.Tensor,
+               zero: torch.Tensor, block: int, n0: int, n1: int, vector: bool = True) -> torch.Tensor:
+    """Rows [n0, n1) of Ŵ as float32 (n1 − n0, K)."""
+    empty = grid if grid is not None else torch.empty(0, 16)
+    return extension().dequantize(K, codes, bits, empty, scale, zero, block, n0, n1, vector)

@@ -119,7 +119,7 @@ class Decoder:
         self.k_cache, self.v_cache = grow(self.k_cache), grow(self.v_cache)
 
     def _rms(self, h, g):
-        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * g
+        return F.rms_norm(h, g.shape, g, self.eps)  # h · rsqrt(mean(h²) + ε) · g
 
     def _rope(self, x, pos: int):  # x (heads, T, D)
         T, half = x.shape[1], self.head_dim // 2

@@ -169,12 +169,31 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, vector: bool = True) -> tor
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.shape[1]).float().contiguous()  # (M, K)
     xq = x2 * pw.col_scale if pw.col_scale is not None else x2
-    y = kernels.qmatmul(xq.contiguous(), pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, vector)
+    if x2.shape[0] >= TILED_FROM:
+        y = _tiled(xq.contiguous(), pw, vector)
+    else:
+        y = kernels.qmatmul(xq.contiguous(), pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, vector)
     if pw.u is not None:
         y = y + (x2 @ pw.v.T) @ pw.u.T  # (M, r) · (r, N)
     if pw.sparse_rows is not None:
         y.index_add_(1, pw.sparse_rows, x2[:, pw.sparse_cols] * pw.sparse_value)
     return y.reshape(*lead, pw.shape[0])
+
+
+TILED_FROM = 16  # tokens: from here on a float GEMM over dequantised tiles beats streaming the codes per 8 tokens
+TILE_ROWS = 256  # rows of Ŵ in float32 at a time (256 × K × 4 bytes: stays in the L2 cache for K ≤ 2048)
+
+
+def _tiled(x: torch.Tensor, pw: PackedWeight, vector: bool) -> torch.Tensor:
+    """x·Ŵᵀ for many tokens: Ŵ dequantised TILE_ROWS rows at a time into a reused buffer, each tile one GEMM;
+    the whole float matrix never exists."""
+    N, K = pw.shape
+    y = torch.empty(x.shape[0], N)
+    for n0 in range(0, N, TILE_ROWS):
+        n1 = min(N, n0 + TILE_ROWS)
+        w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, n0, n1, vector)
+        y[:, n0:n1] = x @ w.T  # (M, K) · (K, tile)
+    return y
 
 
 class PackedLinear(nn.Module):
