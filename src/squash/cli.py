@@ -146,7 +146,13 @@ def cmd_generate(args) -> int:
     from squash import load_squash
     from squash.models import tokenizer_for
 
-    small = load_squash(args.file)
+    if args.reference:
+        small = load_squash(args.file)
+    else:  # packed weights and squash's kernel; what cannot be packed runs on the reference path
+        from squash.runtime.packed import load_packed
+
+        with status("loading (packed runtime)"):
+            small = load_packed(args.file)
     if small.kind != "causal-lm":
         raise SquashError(f"{args.file} holds a {small.kind} model; generate needs a language model")
     with status("loading the tokenizer"):
@@ -157,12 +163,74 @@ def cmd_generate(args) -> int:
     else:
         ids = tok(args.prompt, return_tensors="pt")["input_ids"]
     torch.manual_seed(args.seed)
+    decoder = None
+    if not args.reference:
+        from squash.runtime.llama import Decoder
+
+        try:
+            decoder = Decoder(small.module, max_len=ids.shape[1] + args.max_new_tokens + 1)
+        except SquashError as e:  # not a LLaMA-style model: transformers' generate on the packed modules
+            err.print(f"fast decoder unavailable ({e}); using transformers' generate")
+    if decoder is not None:
+        gen = torch.Generator().manual_seed(args.seed)
+        new, timing = decoder.generate(ids[0], args.max_new_tokens, temperature=args.temperature,
+                                       eos=tok.eos_token_id, generator=gen, repetition_penalty=1.1)
+        print(tok.decode(new, skip_special_tokens=True).strip())
+        err.print(f"prefill {timing.prefill_tokens} tokens at {timing.prefill_tps:.0f} tokens/s, "
+                  f"decode {timing.decode_tokens} tokens at {timing.decode_tps:.1f} tokens/s", style="dim")
+        return 0
     with status("generating"), torch.inference_mode():
         gen = small.module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                     do_sample=args.temperature > 0, temperature=args.temperature or None,
                                     top_p=None, top_k=None, repetition_penalty=1.1, pad_token_id=tok.eos_token_id)
     print(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return 0
+
+
+def cmd_export(args) -> int:
+    from squash import load_squash
+
+    output = Path(args.output)
+    if not output.parent.resolve().is_dir():
+        raise SquashError(f"{output.parent}: the output folder does not exist")
+    with status(f"loading {args.file}", args.json):
+        small = load_squash(args.file)
+    if args.to == "gguf":
+        from squash.io.gguf_export import export_gguf
+
+        with progress_bar("writing GGUF", args.json) as cb:
+            report = export_gguf(small, output, target=args.type, metadata_from=args.metadata_from, progress=cb)
+    else:
+        if args.type or args.metadata_from:
+            raise SquashError("--type and --metadata-from apply to --to gguf only")
+        from squash.io.onnx_export import export_onnx
+
+        with status("writing ONNX", args.json):
+            report = export_onnx(small, output)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    _print_export(args.to, output, report)
+    return 0
+
+
+def _print_export(fmt: str, output: Path, report: dict) -> None:
+    size = report.get("file_bytes") or (output.stat().st_size if output.exists() else 0)
+    out.print(f"wrote {output} ({_mb(size)})")
+    if fmt == "gguf":
+        table = Table(title="GGUF tensors by llama.cpp type")
+        for col in ("type", "exact", "refit", "float", "weights", "max |Δ| vs squash"):
+            table.add_column(col)
+        for r in report.get("summary", []):
+            table.add_row(r["type"], str(r["exact"]), str(r["refit"]), str(r["float"]), f"{r['weights']:,}",
+                          f"{r['max_abs']:.3g}")
+        out.print(table)
+    else:
+        storage = report.get("storage", {})
+        out.print("stored as: " + ", ".join(f"{n} {k}" for k, n in storage.items()))
+        if report.get("session_config"):
+            out.print("for exact results in onnxruntime set: " +
+                      ", ".join(f"{k}={v}" for k, v in report["session_config"].items()))
 
 
 # ---------------------------------------------------------------- helpers
@@ -243,7 +311,8 @@ def _print_report(r: dict, as_json: bool) -> None:
                       f"{100 * (ft['held_out_loss_after'] / ft['held_out_loss_before'] - 1):+.1f}%")
     lat = r.get("latency")
     if lat:
-        table.add_row(f"forward latency ({lat['threads']} threads)", f"{lat['float']['median_ms']:.1f} ms",
+        where = "packed" if lat.get("runtime", "").startswith("packed") else "reference path"
+        table.add_row(f"forward latency ({lat['threads']} threads, {where})", f"{lat['float']['median_ms']:.1f} ms",
                       f"{lat['compressed']['median_ms']:.1f} ms", f"{lat['speedup']:.2f}× speed")
     out.print(table)
 
@@ -289,7 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--raw", action="store_true", help="no chat template; continue the prompt as plain text")
+    s.add_argument("--reference", action="store_true",
+                   help="dequantize-then-matmul modules and transformers' generate (slow; for checking)")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("export", help="write a .squash file as GGUF (llama.cpp, Ollama) or ONNX")
+    s.add_argument("file", help="the .squash file")
+    s.add_argument("--to", required=True, choices=("gguf", "onnx"), help="the format to write")
+    s.add_argument("-o", "--output", required=True, help="the file to write (.gguf for --to gguf)")
+    s.add_argument("--type", choices=("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k", "f16", "f32"),
+                   help="GGUF: one llama.cpp type for every compressed weight (default: squash's own codes where "
+                        "they fit Q8_0/Q5_x/Q4_x exactly, else the closest type, refit)")
+    s.add_argument("--metadata-from", help="GGUF: copy tokenizer, chat template and general.* from this GGUF "
+                   "(default: the source model's GGUF when it has one, else its transformers config and tokenizer)")
+    s.add_argument("--json", action="store_true", help="print the export report as JSON")
+    s.set_defaults(func=cmd_export)
 
     from squash.eval.curve import add_parser as add_curve_parser
 

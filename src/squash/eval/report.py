@@ -2,7 +2,8 @@
 
 Size: weight bytes (float32 for the reference; codes, scales and float leftovers for the compressed model) and
 bits per weight counting everything stored. Quality: see quality.py. Speed: latency of one forward pass on a
-fixed input, median of repeats with min and max, float and compressed alternated so drift hits both alike.
+fixed input, median of repeats with min and max, float and compressed alternated so drift hits both alike; the
+compressed model runs on the packed runtime (runtime/packed.py) where its layers can be packed.
 """
 from __future__ import annotations
 
@@ -66,15 +67,34 @@ def latency(model: Model, reference: Model, tokenizer, repeats: int = 5) -> dict
     if model.kind == "module":
         return {}
     inputs = example_input(model, tokenizer)
+    compressed, runtime = _runnable(model)
     times = {"float": [], "compressed": []}
-    for m in (reference.module, model.module):  # warm-up
+    for m in (reference.module, compressed):  # warm-up
         m(**inputs)
     for _ in range(repeats):
-        for key, m in (("float", reference.module), ("compressed", model.module)):
+        for key, m in (("float", reference.module), ("compressed", compressed)):
             t = time.perf_counter()
             m(**inputs)
             times[key].append(1000 * (time.perf_counter() - t))
     out = {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()}
     out["threads"] = torch.get_num_threads()
+    out["runtime"] = runtime
     out["speedup"] = out["float"]["median_ms"] / out["compressed"]["median_ms"]
     return out
+
+
+def _runnable(model: Model):
+    """The compressed module as squash runs it: a copy on the packed runtime (squash's kernel), or the
+    reference modules where the kernel cannot be built here."""
+    import copy
+
+    from squash.errors import SquashError
+    from squash.runtime.packed import accelerate
+
+    try:
+        fast = copy.deepcopy(model.module)
+        how = accelerate(fast)
+    except SquashError:
+        return model.module, "reference (dequantize, then float matmul)"
+    packed = sum(not v.startswith("reference") for v in how.values())
+    return fast, f"packed runtime ({packed} of {len(how)} layers packed)"
