@@ -141,6 +141,9 @@ def test_accelerated_llama_matches_reference_and_decoder_matches_transformers(tm
         _close(small.module(ids).logits[0], ref, MODEL_RTOL)
     dec = Decoder(small.module, max_len=64)
     _close(dec.forward(ids[0], 0, last_only=False), ref, MODEL_RTOL)
+    plain = Decoder(small.module, max_len=64)  # the fused C++ steps against plain PyTorch calls
+    _close(plain.forward(ids[0], 0, last_only=False, fused=False), ref, MODEL_RTOL)
+    _close(plain.forward(ids[0, :3], 20, fused=False), dec.forward(ids[0, :3], 20), MODEL_RTOL)
     dec2 = Decoder(small.module, max_len=64)  # the cache: prefill 12, then one at a time, then 3 at once
     dec2.forward(ids[0, :12], 0)
     for t in range(12, 17):

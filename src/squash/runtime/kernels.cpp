@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 namespace {
@@ -276,7 +277,86 @@ torch::Tensor dequantize(int64_t K, torch::Tensor codes, int64_t bits, torch::Te
   return out;
 }
 
+// ---------------------------------------------------------------- the decoder's small fused steps
+// Each replaces 4-12 PyTorch calls whose Python and dispatch overhead, not arithmetic, is what they cost at
+// batch 1 (a few microseconds each, ~50 per layer). Plain loops; the compiler vectorises them.
+
+// x = h · rsqrt(mean(h²) + ε) · g, per row of h (T, C); with `delta` defined, h += delta first (in place).
+torch::Tensor add_rmsnorm(torch::Tensor h, torch::Tensor delta, torch::Tensor g, double eps) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32 && h.is_contiguous(), "h: contiguous float32 (T, C)");
+  TORCH_CHECK(g.scalar_type() == torch::kFloat32 && g.is_contiguous() && g.numel() == h.size(1), "g: float32 (C,)");
+  const bool add = delta.defined() && delta.numel() > 0;
+  if (add) TORCH_CHECK(delta.sizes() == h.sizes() && delta.scalar_type() == torch::kFloat32 && delta.is_contiguous(), "delta: like h");
+  const int64_t T = h.size(0), C = h.size(1);
+  auto x = torch::empty_like(h);
+  float* hp = h.data_ptr<float>();
+  const float* dp = add ? delta.data_ptr<float>() : nullptr;
+  const float* gp = g.data_ptr<float>();
+  float* xp = x.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    float* hr = hp + t * C;
+    if (add)
+      for (int64_t c = 0; c < C; ++c) hr[c] += dp[t * C + c];
+    float ss = 0.f;
+    for (int64_t c = 0; c < C; ++c) ss += hr[c] * hr[c];
+    const float r = 1.f / std::sqrt(ss / C + static_cast<float>(eps));
+    for (int64_t c = 0; c < C; ++c) xp[t * C + c] = hr[c] * r * gp[c];
+  }
+  return x;
+}
+
+// out (T, I) = silu(gu[:, :I]) ⊙ gu[:, I:],  silu(a) = a / (1 + e^−a)
+torch::Tensor silu_mul(torch::Tensor gu) {
+  TORCH_CHECK(gu.dim() == 2 && gu.scalar_type() == torch::kFloat32 && gu.is_contiguous() && gu.size(1) % 2 == 0, "gu: float32 (T, 2I)");
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  auto out = torch::empty({T, I}, gu.options());
+  const float* p = gu.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < I; ++i) {
+      const float a = p[t * 2 * I + i];
+      o[t * I + i] = a / (1.f + std::exp(-a)) * p[t * 2 * I + I + i];
+    }
+  return out;
+}
+
+// From the fused projection qkv (T, (H + 2·Hkv)·D): rotate q and k by position (rope with rotate_half:
+// out[d] = x[d]·cos[d] + x[(d + D/2) mod D]·sin[d], sin carrying the sign), write k and v into the layer's
+// caches (Hkv, capacity, D) at positions pos … pos+T−1, and return q as (H, T, D).
+torch::Tensor rope_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                         torch::Tensor v_cache, int64_t pos, int64_t H, int64_t Hkv) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == torch::kFloat32 && qkv.is_contiguous(), "qkv: float32 (T, ·)");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(), "caches: (Hkv, cap, D)");
+  const int64_t T = qkv.size(0), D = k_cache.size(2), cap = k_cache.size(1), half = D / 2;
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && k_cache.size(0) == Hkv && pos + T <= cap, "shapes do not fit");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) >= T && cos.size(1) == D, "cos/sin: (≥T, D)");
+  auto q = torch::empty({H, T, D}, qkv.options());
+  const float* src = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k_cache.data_ptr<float>();
+  float* vp = v_cache.data_ptr<float>();
+  const int64_t W = (H + 2 * Hkv) * D;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = src + t * W;
+    const float* c = cp + t * D;
+    const float* sn = sp + t * D;
+    for (int64_t head = 0; head < H + Hkv; ++head) {
+      const float* x = row + head * D;
+      float* out = head < H ? qp + (head * T + t) * D : kp + ((head - H) * cap + pos + t) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = x[d] * c[d] + x[d < half ? d + half : d - half] * sn[d];
+    }
+    for (int64_t j = 0; j < Hkv; ++j)
+      std::memcpy(vp + (j * cap + pos + t) * D, row + (H + Hkv + j) * D, D * sizeof(float));
+  }
+  return q;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_rmsnorm", &add_rmsnorm);
+  m.def("silu_mul", &silu_mul);
+  m.def("rope_cache", &rope_cache);
   m.def("qmatmul", &qmatmul, "y = x · Ŵᵀ from packed 8- or 4-bit codes (see kernels.cpp)");
   m.def("dequantize", &dequantize, "rows [n0, n1) of Ŵ as float32");
   m.def("has_avx512", &has_avx512);

@@ -50,19 +50,29 @@ def extension():
     return _ext
 
 
+_built: bool | None = None
+
+
 def available() -> bool:
-    try:
-        extension()
-        return True
-    except SquashError:
-        return False
+    """Whether the kernel is built (or can be); asked once per process."""
+    global _built
+    if _built is None:
+        try:
+            extension()
+            _built = True
+        except SquashError:
+            _built = False
+    return _built
+
+
+_NO_GRID = torch.empty(0, 16)
 
 
 def qmatmul(x: torch.Tensor, codes: torch.Tensor, bits: int, grid: torch.Tensor | None, scale: torch.Tensor,
             zero: torch.Tensor, block: int, vector: bool = True) -> torch.Tensor:
     """y (M, N) = x (M, K) · Ŵᵀ with Ŵ[n, k] = scale[n, b]·(G[c[n, k]] − zero[n, b]), b = k // block."""
-    empty = grid if grid is not None else torch.empty(0, 16)
-    return extension().qmatmul(x, codes, bits, empty, scale, zero, block, vector)
+    return (_ext or extension()).qmatmul(x, codes, bits, _NO_GRID if grid is None else grid, scale, zero, block,
+                                         vector)
 
 
 os.environ.setdefault("MAX_JOBS", "2")  # the build uses this machine's 2 cores, no more

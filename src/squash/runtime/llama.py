@@ -108,7 +108,10 @@ class Decoder:
         self.max_len = max_len
         inv = 1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
         ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)  # (max_len, D/2)
-        self.cos, self.sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (max_len, D)
+        # rope(x) = x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁] = roll(x, D/2)·[−1…, +1…]: the sign
+        # is folded into sin so rope is one roll, two products and a sum
+        self.cos = torch.cat([ang.cos()] * 2, -1)  # (max_len, D)
+        self.sin = torch.cat([-ang.sin(), ang.sin()], -1)
         self.k_cache = self.v_cache = torch.zeros(len(self.layers), self.n_kv, 0, self.head_dim)  # grown on demand
         self.inter = f.gate_proj.out_features
 
@@ -121,40 +124,57 @@ class Decoder:
     def _rms(self, h, g):
         return F.rms_norm(h, g.shape, g, self.eps)  # h · rsqrt(mean(h²) + ε) · g
 
-    def _rope(self, x, pos: int):  # x (heads, T, D)
-        T, half = x.shape[1], self.head_dim // 2
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
-        rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * cos + rot * sin
+    def _rope(self, x, pos: int):  # x (T, heads, D)
+        T = x.shape[0]
+        cos, sin = self.cos[pos:pos + T, None], self.sin[pos:pos + T, None]  # (T, 1, D)
+        return x * cos + x.roll(self.head_dim // 2, -1) * sin
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True) -> torch.Tensor:
-        """Logits for `ids` (T,) placed at positions pos … pos+T−1; the cache keeps their keys and values."""
+    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True, fused: bool = True) -> torch.Tensor:
+        """Logits for `ids` (T,) placed at positions pos … pos+T−1; the cache keeps their keys and values.
+        fused: squash's fused C++ steps (rms norm, rope + cache write, silu·up) where the kernel is built;
+        False runs the same math as plain PyTorch calls (the reference they are tested against)."""
         T = ids.shape[0]
         if pos + T > self.max_len:
             raise SquashError(f"context of {pos + T} tokens exceeds the decoder's {self.max_len}")
-        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         if pos + T > self.k_cache.shape[2]:
             self._grow(pos + T)
-        h = self.embed(ids).float()  # (T, C)
+        ext = _fused_ops() if fused else None
+        h = self.embed(ids).float().contiguous()  # (T, C)
+        if ext is None:
+            return self._forward_torch(h, pos, last_only)
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        x = ext.add_rmsnorm(h, _EMPTY, self.layers[0]["n1"], self.eps)
+        for i, L in enumerate(self.layers):
+            qkv = _linear(L["qkv"], x)  # (T, (H + 2·Hkv)·D)
+            q = ext.rope_cache(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, H, Hkv)  # (H, T, D)
+            K, V = self.k_cache[i, :, :pos + T], self.v_cache[i, :, :pos + T]  # (Hkv, S, D)
+            att = _attention(q, K, V, T, pos)  # (H, T, D)
+            x = ext.add_rmsnorm(h, _linear(L["o"], att.transpose(0, 1).reshape(T, H * D)), L["n2"], self.eps)
+            down = _linear(L["down"], ext.silu_mul(_linear(L["gate_up"], x)))
+            g = self.layers[i + 1]["n1"] if i + 1 < len(self.layers) else self.norm
+            x = ext.add_rmsnorm(h, down, g, self.eps)  # h += down; x = the next layer's input (or the final norm)
+        return _linear(self.lm_head, x[-1:] if last_only else x).float()  # (1 or T, vocab)
+
+    def _forward_torch(self, h: torch.Tensor, pos: int, last_only: bool) -> torch.Tensor:
+        T = h.shape[0]
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         for i, L in enumerate(self.layers):
             x = self._rms(h, L["n1"])
-            qkv = L["qkv"](x)  # (T, (H + 2·Hkv)·D)
-            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q = self._rope(q.reshape(T, H, D).transpose(0, 1), pos)  # (H, T, D)
-            k = self._rope(k.reshape(T, Hkv, D).transpose(0, 1), pos)  # (Hkv, T, D)
+            qkv = _linear(L["qkv"], x).view(T, H + 2 * Hkv, D)  # (T, H + 2·Hkv, D)
+            qk = self._rope(qkv[:, :H + Hkv], pos)  # q and k rotated together
+            q, k = qk[:, :H].transpose(0, 1), qk[:, H:].transpose(0, 1)  # (H, T, D), (Hkv, T, D)
             self.k_cache[i, :, pos:pos + T] = k
-            self.v_cache[i, :, pos:pos + T] = v.reshape(T, Hkv, D).transpose(0, 1)
+            self.v_cache[i, :, pos:pos + T] = qkv[:, H + Hkv:].transpose(0, 1)
             K, V = self.k_cache[i, :, :pos + T], self.v_cache[i, :, :pos + T]  # (Hkv, S, D)
-            att = F.scaled_dot_product_attention(q[None], K[None], V[None], is_causal=T > 1 and pos == 0,
-                                                 attn_mask=_causal(T, pos) if T > 1 and pos > 0 else None,
-                                                 enable_gqa=True)[0]  # (H, T, D)
-            h = h + L["o"](att.transpose(0, 1).reshape(T, H * D))
+            att = _attention(q.contiguous(), K, V, T, pos)  # (H, T, D)
+            h = h + _linear(L["o"], att.transpose(0, 1).reshape(T, H * D))
             x = self._rms(h, L["n2"])
-            gate, up = L["gate_up"](x).split([self.inter, self.inter], dim=-1)
-            h = h + L["down"](F.silu(gate) * up)
+            gate, up = _linear(L["gate_up"], x).split([self.inter, self.inter], dim=-1)
+            h = h + _linear(L["down"], F.silu(gate) * up)
         h = self._rms(h[-1:] if last_only else h, self.norm)
-        return self.lm_head(h).float()  # (1 or T, vocab)
+        return _linear(self.lm_head, h).float()  # (1 or T, vocab)
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, eos: int | None = None,
                  generator: torch.Generator | None = None, repetition_penalty: float = 1.0
@@ -185,6 +205,34 @@ class Decoder:
             pos += 1
         timing.decode_tokens, timing.decode_s = len(timing.per_token_s), sum(timing.per_token_s)
         return out, timing
+
+
+_EMPTY = torch.empty(0)
+
+
+def _fused_ops():
+    from squash.runtime import kernels
+
+    return kernels.extension() if kernels.available() else None
+
+
+def _attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, T: int, pos: int) -> torch.Tensor:
+    """softmax(q·Kᵀ/√D + causal)·V with grouped-query heads: (H, T, D) from the cache (Hkv, S, D)."""
+    return F.scaled_dot_product_attention(q[None], K[None], V[None], is_causal=T > 1 and pos == 0,
+                                          attn_mask=_causal(T, pos) if T > 1 and pos > 0 else None,
+                                          enable_gqa=True)[0]
+
+
+def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """mod(x) without nn.Module's call machinery for the packed and float cases (≈ 10 µs a call, 200 a token)."""
+    from squash.runtime.packed import PackedLinear, packed_matmul
+
+    if type(mod) is PackedLinear:
+        y = packed_matmul(x, mod.pw)
+        return y if mod.bias is None else y + mod.bias
+    if type(mod) in (_FloatLinear, nn.Linear):
+        return F.linear(x, mod.weight, mod.bias)
+    return mod(x)
 
 
 def _causal(T: int, pos: int) -> torch.Tensor:

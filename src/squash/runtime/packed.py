@@ -166,6 +166,9 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, vector: bool = True) -> tor
     if pw.codes.device.type != "cpu":
         w = dequantize_rows(pw, torch.arange(pw.shape[0], device=pw.codes.device))
         return F.linear(x, w.to(x.dtype)).float()
+    if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and x.shape[0] < TILED_FROM \
+            and pw.col_scale is None and pw.u is None and pw.sparse_rows is None:  # the decode step: nothing else
+        return kernels.qmatmul(x, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, vector)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.shape[1]).float().contiguous()  # (M, K)
     xq = x2 * pw.col_scale if pw.col_scale is not None else x2
