@@ -233,3 +233,21 @@ def test_many_tokens_take_the_tiled_path_and_match(bits):
     _close(packed_matmul(x, pw, vector=False), ref, KERNEL_RTOL)
     tile = kernels.dequantize(200, pw.codes, bits, pw.grid, pw.scale, pw.zero, 64, 5, 17)
     _close(tile, dequantize_rows(pw, torch.arange(5, 17)), 1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [Quantize(bits=8, block="channel"), Quantize(bits=4, block=128, symmetric=False),
+                                    Quantize(bits=4, block=64, grid="nf")])
+def test_kernel_on_smollm2_weights_with_ragged_groups(config):
+    # Real LM weights: hidden size 576 is not a multiple of 128, so the last group of every row is 64 wide.
+    model = squash.load("smollm2-135m")
+    from squash.runtime.modules import CompressedWeight
+
+    for name in ("model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj"):
+        w = model.module.get_submodule(name).weight.detach()
+        ct = quantize(w, config)
+        assert why_not_packable(ct) is None
+        ref_mod, fast = QLinear(CompressedWeight(ct), None), PackedLinear(pack(ct), None)
+        for M in (1, 7, 40):  # kernel, kernel with 7 tokens, tiled GEMM
+            x = torch.randn(M, w.shape[1], generator=torch.Generator().manual_seed(M))
+            _close(fast(x), ref_mod(x), KERNEL_RTOL)
