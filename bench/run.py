@@ -211,6 +211,19 @@ def _claim(claim: str, measured: list[str], ok: list[bool], rule: str) -> dict:
 # ---------------------------------------------------------------- the run
 
 
+def meta_line(quick: bool) -> str:
+    """Command, date and machine, written beside the tables."""
+    import platform
+
+    import torch
+
+    from speed import machine
+
+    return (f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, torch {torch.__version__}, Python "
+            f"{platform.python_version()}, by `.venv/bin/python bench/run.py{' --quick' if quick else ''}` "
+            f"(each table also names the script that wrote it).\n")
+
+
 def _python() -> str:
     return sys.executable
 
@@ -247,6 +260,7 @@ def main(argv=None) -> int:
             ok &= run_part([str(HERE / "speed.py"), "--model", m, *quick], f"speed: {m}")
     if "export" in parts and "smollm2-135m" in args.models:
         ok &= run_part([str(HERE / "export_check.py"), *quick], "export: GGUF in llama.cpp vs squash")
+    _atomic(RESULTS / "bench-meta.md", meta_line(args.quick))
     claims, table = factcheck()
     meta = {"date": time.strftime("%Y-%m-%d"), "command": f"bench/run.py{' --quick' if args.quick else ''}"}
     _atomic(RESULTS / "factcheck.json", json.dumps({"meta": meta, "claims": claims}, indent=1))

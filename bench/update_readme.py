@@ -20,12 +20,18 @@ def main() -> int:
     readme = ROOT / "README.md"
     text = readme.read_text()
 
+    missing = []
+
     def fill(m: re.Match) -> str:
-        return m.group(1) + (ROOT / m.group("src")).read_text().strip() + "\n" + m.group(4)
+        src = ROOT / m.group("src")
+        if not src.exists():  # not generated yet: say so in place rather than fail
+            missing.append(m.group("src"))
+            return m.group(1) + f"(not generated yet: run `make bench-quick`)\n" + m.group(4)
+        return m.group(1) + src.read_text().strip() + "\n" + m.group(4)
 
     new, n = BLOCK.subn(fill, text)
     readme.write_text(new)
-    print(f"{n} table(s) refreshed")
+    print(f"{n} table(s) refreshed" + (f"; missing: {', '.join(missing)}" if missing else ""))
     return 0
 
 
