@@ -64,6 +64,15 @@ def eval_size(kind: str, quick: bool) -> EvalSize:
     return EvalSize(lm_window=256, lm_windows=4, paragraphs=32)
 
 
+def loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on the machine slows every row (on 2 cores, another busy
+    process can make a GPTQ or HQQ run 20 times slower), so each result file records them."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -156,6 +165,7 @@ def run_quality(model_name: str, methods=DEFAULT_METHODS, bits_list=None, quick:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     started = time.perf_counter()
+    load_start = loadavg()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bits_list = tuple(bits_list or (QUICK_BITS if quick else FULL_BITS))
@@ -219,6 +229,7 @@ def run_quality(model_name: str, methods=DEFAULT_METHODS, bits_list=None, quick:
         "evaluation": scorer.describe(), "eval_size": dataclasses.asdict(size),
         "reference_quality": reference_quality, "load_seconds": round(load_s, 2),
         "reference_seconds": round(reference_s, 2), "seconds": round(time.perf_counter() - started, 1),
+        "loadavg": {"start": load_start, "end": loadavg()},
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "quality.py"
         else f"run_quality({model_name!r}, quick={quick})",
         "memory": "peak RSS of the bench process while compressing (sampled every 2 ms from /proc/self/statm); "
@@ -296,6 +307,13 @@ QUALITY_HEADERS = {"causal-lm": ["perplexity (vs float)", "KL to float", "top-1 
                    "encoder": ["cosine to float", "min cosine"], "classifier": ["accuracy (vs float)"]}
 
 
+def _load_text(meta: dict) -> str:
+    load = meta.get("loadavg") or {}
+    if not load.get("start") or not load.get("end"):
+        return ""
+    return f"; load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end"
+
+
 def _mb(b) -> str:
     if b is None:
         return "—"
@@ -315,7 +333,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"**{meta['model']}** ({meta['weights']:,} weights){' — quick mode' if meta['quick'] else ''}. "
         f"Measured {meta['date'][:10]} on {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}"
-        f"{', ' + versions if versions else ''}, by `{meta['command']}` ({meta['seconds']:.0f} s). "
+        f"{', ' + versions if versions else ''}, by `{meta['command']}` ({meta['seconds']:.0f} s{_load_text(meta)}). "
         f"Quality on {meta['evaluation']}; {float_line}.",
         "",
         "| method | bits | variant | bits/weight (all stored) | bits/weight (quantized layers, share) | stored MB "

@@ -259,7 +259,8 @@ def main(argv=None) -> int:
         if "speed" in parts:
             ok &= run_part([str(HERE / "speed.py"), "--model", m, *quick], f"speed: {m}")
     if "export" in parts and "smollm2-135m" in args.models:
-        ok &= run_part([str(HERE / "export_check.py"), *quick], "export: GGUF in llama.cpp vs squash")
+        recipes = ["--recipes", "gguf-q8_0"] if args.quick else []  # full: also gguf-q4_0 and int4 (GPTQ, minutes)
+        ok &= run_part([str(HERE / "export_check.py"), *recipes], "export: GGUF in llama.cpp vs squash")
     _atomic(RESULTS / "bench-meta.md", meta_line(args.quick))
     claims, table = factcheck()
     meta = {"date": time.strftime("%Y-%m-%d"), "command": f"bench/run.py{' --quick' if args.quick else ''}"}

@@ -5,6 +5,8 @@ Every configuration runs in its own subprocess, so its resident memory (RSS afte
 and its timings are not disturbed by the others; configurations alternate across repeats so that a slow
 spell of the machine hits all of them alike. Timings are medians over repeats with min–max.
 
+    resident memory: RSS after running minus RSS before loading (libraries already imported): the weights as the
+                     runtime holds them, plus its KV cache and buffers; "loaded" is the same right after loading
     language models: prefill tokens/s (a 128-token prompt from an empty cache) and decode tokens/s
                      (64 greedy tokens at batch 1 with a KV cache); bytes each decoded token reads (every
                      weight once) and the GB/s that implies
@@ -62,23 +64,56 @@ def worker(cfg: dict) -> dict:
     torch.set_num_threads(THREADS)
     kind = cfg["kind"]
     prompt = _prompt_ids(cfg["prompt"]) if cfg["model"] == "smollm2-135m" else None
+    _warm_imports(cfg)
     _trim()
-    rss0 = _rss_mb()
+    rss0 = _rss_mb()  # libraries loaded, no weights yet: the difference after loading is the model
     t = time.perf_counter()
     runner, weight_bytes, how = _load(cfg)
     load_s = time.perf_counter() - t
-    _trim()
-    resident = _rss_mb() - rss0
-    out = {"load_s": load_s, "resident_mb": resident, "weight_bytes": weight_bytes, "runtime": how}
+    resident = _LOADED["rss"] - rss0
+    out = {"load_s": load_s, "loaded_mb": resident, "weight_bytes": weight_bytes, "runtime": how}
     out.update(runner(prompt))
+    _trim()
+    # what the model holds while it runs: its weights (a memory-mapped file counts once its pages are read),
+    # the KV cache and working buffers of the prompt just run
+    out["resident_mb"] = _rss_mb() - rss0
     out["peak_rss_mb"] = _peak_mb()
     return out
+
+
+def _warm_imports(cfg: dict) -> None:
+    """Import (and initialise) what loading will use, so that library code is not counted as the model."""
+    import torch
+    import transformers  # noqa: F401
+    from transformers import AutoModel, AutoModelForCausalLM  # noqa: F401
+
+    import squash.io.squash_file  # noqa: F401
+    from squash.runtime import kernels
+
+    if cfg["kind"] == "squash":
+        kernels.extension()
+    if cfg["kind"] == "llama.cpp":
+        import llama_cpp  # noqa: F401
+    torch.nn.functional.linear(torch.randn(4, 64), torch.randn(64, 64))  # MKL's and oneDNN's first-call buffers
+    if cfg["model"] != "smollm2-135m":  # the tokenizer is not the model either
+        import squash
+
+        squash.models.bundled_info(cfg["model"])
 
 
 def _peak_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+_LOADED = {"rss": 0.0}
+
+
+def _mark_loaded() -> None:
+    """RSS once the weights are in memory, before tokenizers, caches and inputs are made."""
+    _trim()
+    _LOADED["rss"] = _rss_mb()
 
 
 def _load(cfg: dict):
@@ -101,6 +136,7 @@ def _load(cfg: dict):
         model = load_packed(cfg["file"])
         weight_bytes = _module_bytes(model.module)
         how = _summarise(model.runtime)
+    _mark_loaded()
     module = model.module
     if model.kind == "causal-lm":
         if kind == "transformers":
@@ -129,7 +165,7 @@ def _load_peer(cfg: dict):
     module = res.module
     kind = model.kind
     del model  # the float model the peer copied from: not part of what the peer holds
-    _trim()
+    _mark_loaded()
     if kind == "causal-lm":
         return _hf_lm_runner(module, cfg), res.stored_bytes, res.config
     raise ValueError("peer speed is measured on the language model only")
@@ -251,6 +287,7 @@ def _load_llama_cpp(cfg):
 
     n_ctx = cfg["prompt"] + cfg["decode"] + 8
     llm = load_llama(Path(cfg["file"]), n_ctx)
+    _mark_loaded()
     weight_bytes = _gguf_tensor_bytes(cfg["file"])
 
     def run(prompt):
@@ -356,7 +393,7 @@ def measure(configs: list[dict], rounds: int, progress=None) -> list[dict]:
             for k, v in res.items():
                 if isinstance(v, list):
                     m.setdefault(k, []).extend(v)
-                elif k in ("resident_mb", "load_s", "peak_rss_mb"):
+                elif k in ("resident_mb", "loaded_mb", "load_s", "peak_rss_mb"):
                     m.setdefault(k + "_all", []).append(v)
                     m[k] = statistics.median(m[k + "_all"])
                 else:
@@ -422,7 +459,7 @@ def llama_cpp_file(qtype: str) -> Path:
 
 def configs_for(model_name: str, quick: bool) -> list[dict]:
     """The configurations compared for one model (files are prepared here, outside the timed workers)."""
-    base = {"model": model_name, "repeats": 2 if quick else 3, "prompt": 128, "decode": 32 if quick else 64,
+    base = {"model": model_name, "repeats": 3, "prompt": 128, "decode": 32 if quick else 64,
             "batch": 32 if model_name == "minilm-l6" else 256}
     rows = [{"label": "float32 (transformers)", "kind": "transformers", "bits": 32}]
     if model_name == "smollm2-135m":
@@ -461,7 +498,8 @@ def configs_for(model_name: str, quick: bool) -> list[dict]:
 def run_speed(model_name: str, quick: bool, out_dir: Path = RESULTS, progress=None) -> list[dict]:
     configs = configs_for(model_name, quick)
     runnable = [c for c in configs if "error" not in c]
-    measured = {c["label"]: c for c in measure(runnable, rounds=2 if quick else 3, progress=progress)}
+    # quick: one process per configuration (3 timed repeats inside it); full: 3 processes each, interleaved
+    measured = {c["label"]: c for c in measure(runnable, rounds=1 if quick else 3, progress=progress)}
     rows = [measured.get(c["label"], c) for c in configs]
     for r in rows:
         for key in ("prefill_tps", "decode_tps", "items_per_s", "latency_ms"):

@@ -226,8 +226,12 @@ def test_the_gpu_path_formula_matches_the_kernel():
 def test_many_tokens_take_the_tiled_path_and_match(bits):
     from squash.runtime import packed
 
-    pw, _ = _random_packed(bits, 600, 200, 64, per_row_grid=True)  # 600 rows: three tiles, the last partial
+    pw, _ = _random_packed(bits, 600, 200, 64, per_row_grid=True)
     x = torch.randn(packed.TILED_FROM + 3, 200)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(packed, "TILE_FLOATS", 256 * 200)  # 600 rows: three tiles, the last partial
+    _close(packed_matmul(x, pw), x.double() @ dequantize_rows(pw, torch.arange(600)).double().T, KERNEL_RTOL)
+    monkey.undo()  # and in one tile
     ref = x.double() @ dequantize_rows(pw, torch.arange(600)).double().T
     _close(packed_matmul(x, pw), ref, KERNEL_RTOL)
     _close(packed_matmul(x, pw, vector=False), ref, KERNEL_RTOL)

@@ -225,6 +225,9 @@ def _print_export(fmt: str, output: Path, report: dict) -> None:
             table.add_row(r["type"], str(r["exact"]), str(r["refit"]), str(r["float"]), f"{r['weights']:,}",
                           f"{r['max_abs']:.3g}")
         out.print(table)
+        out.print(Text(f"metadata from {report.get('metadata_from')}"))
+        for note in report.get("notes", []):
+            out.print(Text(f"note: {note}"))
     else:
         storage = report.get("storage", {})
         out.print("stored as: " + ", ".join(f"{n} {k}" for k, n in storage.items()))

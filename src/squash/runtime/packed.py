@@ -184,16 +184,21 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, vector: bool = True) -> tor
 
 
 TILED_FROM = 16  # tokens: from here on a float GEMM over dequantised tiles beats streaming the codes per 8 tokens
-TILE_ROWS = 256  # rows of Ŵ in float32 at a time (256 × K × 4 bytes: stays in the L2 cache for K ≤ 2048)
+TILE_FLOATS = 1 << 20  # a tile of Ŵ holds at most this many float32 values (4 MB): the weight matrices of
+#                        smollm2 and minilm fit in one tile (one GEMM); a 49152-row output head takes 48
 
 
 def _tiled(x: torch.Tensor, pw: PackedWeight, vector: bool) -> torch.Tensor:
-    """x·Ŵᵀ for many tokens: Ŵ dequantised TILE_ROWS rows at a time into a reused buffer, each tile one GEMM;
-    the whole float matrix never exists."""
+    """x·Ŵᵀ for many tokens: Ŵ dequantised a tile of rows at a time (transient, at most TILE_FLOATS values),
+    each tile one float GEMM."""
     N, K = pw.shape
+    rows = max(1, TILE_FLOATS // K)
+    if rows >= N:  # one tile: one GEMM, no copy into a slice
+        w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, 0, N, vector)
+        return x @ w.T
     y = torch.empty(x.shape[0], N)
-    for n0 in range(0, N, TILE_ROWS):
-        n1 = min(N, n0 + TILE_ROWS)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
         w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, n0, n1, vector)
         y[:, n0:n1] = x @ w.T  # (M, K) · (K, tile)
     return y
