@@ -36,13 +36,9 @@ MODEL = "smollm2-135m"
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from presets_table import cpu_name as name  # one reader of /proc/cpuinfo for every bench script
+
+    return name()
 
 
 @torch.inference_mode()

@@ -74,13 +74,9 @@ def loadavg() -> list[float] | None:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from presets_table import cpu_name as name  # one reader of /proc/cpuinfo for every bench script
+
+    return name()
 
 
 # ---------------------------------------------------------------- scoring
@@ -439,7 +435,13 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
             if kind == "classifier":
                 ax.axhline(100 * ref["accuracy_float"], color="grey", lw=0.8, ls=":", label="float")
             if logy:
+                from matplotlib.ticker import FuncFormatter
+
                 ax.set_yscale("log")
+                plain = FuncFormatter(lambda v, _: f"{v:g}")
+                ax.yaxis.set_major_formatter(plain)
+                if ylabel == "perplexity":
+                    ax.yaxis.set_minor_formatter(plain)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)

@@ -550,15 +550,9 @@ def table(model_name: str, rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    name = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, {THREADS} threads"
+    from presets_table import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores, {THREADS} threads"
 
 
 def write(model_name: str, rows: list[dict], quick: bool, out_dir: Path) -> None:
