@@ -65,6 +65,7 @@ class Result:
     config: str = ""  # what ran, in words
     notes: list[str] = field(default_factory=list)
     close: Callable[[], None] | None = None  # frees native resources (llama.cpp)
+    compress_seconds: float | None = None  # when set: the compressing alone, where run() also reads files back
 
 
 @dataclass
@@ -501,28 +502,23 @@ def float_gguf(model: Model) -> tuple[Path, float | None]:
     return path, time.perf_counter() - t
 
 
-def gguf_bytes(path: Path) -> tuple[int, int, int]:
-    """(bytes of all tensors, bytes and weights of the quantized ones) read from the GGUF's tensor table."""
+def gguf_bytes(path: Path) -> tuple[int, int, int, str]:
+    """From the GGUF's tensor table: bytes of all tensors, bytes and weights of the quantized ones, and the
+    types of the matrices (share of their weights)."""
     from gguf import GGUFReader
 
     total = q_bytes = q_weights = 0
+    counts: dict[str, int] = {}
     for t in GGUFReader(path).tensors:
         total += int(t.n_bytes)
         if t.tensor_type.name not in ("F32", "F16", "BF16"):
             q_bytes += int(t.n_bytes)
             q_weights += int(t.n_elements)
-    return total, q_bytes, q_weights
-
-
-def gguf_types(path: Path) -> str:
-    from gguf import GGUFReader
-
-    counts: dict[str, int] = {}
-    for t in GGUFReader(path).tensors:
         if len(t.shape) > 1:
             counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
-    total = sum(counts.values())
-    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    n = sum(counts.values())
+    types = ", ".join(f"{k} {100 * v / n:.0f}%" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return total, q_bytes, q_weights, types
 
 
 def llama_quantize(src: Path, dst: Path, ftype_name: str, threads: int = 2) -> None:
@@ -544,13 +540,15 @@ class LlamaLogits:
     by llama.cpp on exactly those token ids (no BOS added)."""
 
     def __init__(self, path: Path, n_ctx: int):
-        import numpy as np
-
-        self._np = np
-        with captured_stderr():
-            self.llm = _load_llama(path, n_ctx)
+        self.path, self.n_ctx, self.llm = path, n_ctx, None
 
     def __call__(self, ids: torch.Tensor, **kwargs):
+        if self.llm is None:  # loaded on first use: loading is running, not compressing
+            import numpy as np
+
+            self._np = np
+            with captured_stderr():
+                self.llm = _load_llama(self.path, self.n_ctx)
         tokens = ids[0].tolist()
         self.llm.reset()
         self.llm.eval(tokens)
@@ -558,8 +556,9 @@ class LlamaLogits:
         return SimpleNamespace(logits=torch.from_numpy(scores)[None])
 
     def close(self) -> None:
-        self.llm.close() if hasattr(self.llm, "close") else None
-        del self.llm
+        if self.llm is not None and hasattr(self.llm, "close"):
+            self.llm.close()
+        self.llm = None
 
 
 def _load_llama(path: Path, n_ctx: int):
@@ -578,16 +577,18 @@ def _load_llama(path: Path, n_ctx: int):
 def _llama(model: Model, variant: Variant, ctx: Context) -> Result:
     src, convert_s = float_gguf(model)
     notes = [] if convert_s is None else [f"float model written as an F32 GGUF first: {convert_s:.1f} s (cached)"]
+    t = time.perf_counter()
     if variant.label == "F32":
         path = src
     else:
         path = ctx.workdir / f"{variant.label}.gguf"
         llama_quantize(src, path, variant.label)
-    total, q_bytes, q_weights = gguf_bytes(path)
+    seconds = time.perf_counter() - t + (convert_s or 0.0)
+    total, q_bytes, q_weights, types = gguf_bytes(path)  # parsing the tokenizer's metadata takes seconds
     module = LlamaLogits(path, ctx.lm_window)
-    result = Result(module, total, q_weights, q_bytes, lambda folder: path.stat().st_size,
-                    f"llama_model_quantize {variant.label}: {gguf_types(path)}", notes, close=module.close)
-    return result
+    how = "the F32 GGUF itself" if variant.label == "F32" else f"llama_model_quantize {variant.label}"
+    return Result(module, total, q_weights, q_bytes, lambda folder: path.stat().st_size, f"{how}: {types}", notes,
+                  close=module.close, compress_seconds=seconds)
 
 
 # ---------------------------------------------------------------- the registry

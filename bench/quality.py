@@ -252,6 +252,8 @@ def run_one(model, method, variant, reason, ctx, scorer, n_float, progress) -> d
             t = time.perf_counter()
             result = method.run(model, variant, ctx)
             seconds = time.perf_counter() - t
+        if result.compress_seconds is not None:
+            seconds = result.compress_seconds
         row.update(
             compress_seconds=round(seconds, 3), peak_rss_mb=round(mem.peak / 2**20, 1),
             peak_rise_mb=round(mem.rise / 2**20, 1), stored_bytes=result.stored_bytes,
@@ -369,7 +371,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "head) in float32; squash, rtn and llama.cpp quantize the embeddings too.",
         "- stored MB: those bytes; file MB: the file the method's own format writes (.squash, GGUF, or "
         "torch.save of the state dict for the torch peers; — where there is none).",
-        f"- compress s: wall time of compressing in this process; peak RSS: {meta['memory']}.",
+        "- compress s: wall time of compressing a copy of the float model held in memory (llama.cpp: "
+        "llama_model_quantize from the F32 GGUF, plus writing that GGUF where it was not cached yet); "
+        f"peak RSS: {meta['memory']}.",
     ]
     if kind == "causal-lm":
         lines.append("- llama.cpp is scored by llama.cpp itself (llama-cpp-python, 2 threads) on the same token ids; "
