@@ -199,6 +199,22 @@ def test_w8a8_layers_run_on_int8_matmul_and_match_the_reference():
         x = torch.randn(2, M, 96)
         # same integer products; only the float32 order of the final scaling differs
         _close(fast(x), ref(x), KERNEL_RTOL)
+        # the fused C++ rounding and scaling do the PyTorch formula's float32 operations in its order: to the bit
+        assert torch.equal(fast(x), fast(x, fused=False))
+    ext = kernels.extension()
+    for K in (1, 17, 96, 385):  # tails of the 16-lane loop; a row of zeros; a row with a tie at .5
+        x = torch.randn(5, K)
+        x[1] = 0
+        x[2, 0], x[2, -1] = 127.0, 0.5
+        for vector in (True, False):
+            q, sx = ext.quantize_rows(x, vector)
+            ref_sx = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+            assert torch.equal(sx, ref_sx)
+            assert torch.equal(q, torch.clamp(torch.round(x / ref_sx), -127, 127).to(torch.int8))
+            acc = torch.randint(-2**20, 2**20, (5, K), dtype=torch.int32)
+            sw, b = torch.rand(K), torch.randn(K)
+            assert torch.equal(ext.scale_int32(acc, sx, sw, b, vector), acc.float() * sx * sw + b)
+            assert torch.equal(ext.scale_int32(acc, sx, sw, torch.empty(0), vector), acc.float() * sx * sw)
     net = torch.nn.Sequential(torch.nn.Linear(96, 70), torch.nn.ReLU(), torch.nn.Linear(70, 5))
     small = squash.compress(net, squash.load_recipe("w8a8"))
     x = torch.randn(4, 96)

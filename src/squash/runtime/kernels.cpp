@@ -353,6 +353,98 @@ torch::Tensor rope_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
   return q;
 }
 
+// ---------------------------------------------------------------- W8A8: the two passes around torch._int_mm
+// y = (q(x)·Cᵀ)·s_x·s_w + b, with q(x) = clamp(round(x / s_x), −127, 127), s_x = max(max|x|, 1e−12) / 127 per row:
+// PyTorch's int8 matmul (oneDNN, VNNI/AMX) is 4× float32's GEMM here, but rounding the activations and scaling
+// the int32 result with ~10 elementwise PyTorch calls cost more than the matmul saved. These do it in one pass
+// each, with the same float32 operations in the same order (round half to even, as torch.round), so the result
+// is the reference's to the bit.
+
+namespace {
+
+SQUASH_AVX512 void quantize_row_avx512(const float* x, int64_t K, int8_t* q, float* sx) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16)
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(K - k), x + k)));
+  const float s = std::max(_mm512_reduce_max_ps(amax), 1e-12f) / 127.f;
+  *sx = s;
+  const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mask = tail_mask(K - k);
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(mask, x + k), sv),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    _mm_mask_storeu_epi8(q + k, mask, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+}
+
+void quantize_row_scalar(const float* x, int64_t K, int8_t* q, float* sx) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = std::max(amax, 1e-12f) / 127.f;
+  *sx = s;
+  for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(std::min(std::max(std::nearbyint(x[k] / s), -127.f), 127.f));
+}
+
+SQUASH_AVX512 void scale_row_avx512(const int32_t* acc, float sx, const float* sw, const float* b, int64_t N, float* y) {
+  const __m512 s = _mm512_set1_ps(sx);
+  for (int64_t n = 0; n < N; n += 16) {
+    const __mmask16 mask = tail_mask(N - n);
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, acc + n)), s),
+                             _mm512_maskz_loadu_ps(mask, sw + n));
+    if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, b + n));
+    _mm512_mask_storeu_ps(y + n, mask, v);
+  }
+}
+
+void scale_row_scalar(const int32_t* acc, float sx, const float* sw, const float* b, int64_t N, float* y) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float v = static_cast<float>(acc[n]) * sx * sw[n];
+    y[n] = b ? v + b[n] : v;
+  }
+}
+
+}  // namespace
+
+// x (M, K) float32 → (q int8 (M, K), s_x float32 (M, 1))
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool vector) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto sx = torch::empty({M, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = sx.data_ptr<float>();
+  const bool avx = vector && has_avx512();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      (avx ? quantize_row_avx512 : quantize_row_scalar)(xp + m * K, K, qp + m * K, sp + m);
+  });
+  return {q, sx};
+}
+
+// y (M, N) = float(acc) · s_x · s_w (+ b)
+torch::Tensor scale_int32(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor b, bool vector) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt32 && acc.is_contiguous(), "acc: contiguous int32 (M, N)");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(sx.scalar_type() == torch::kFloat32 && sx.is_contiguous() && sx.numel() == M, "s_x: float32 (M,)");
+  TORCH_CHECK(sw.scalar_type() == torch::kFloat32 && sw.is_contiguous() && sw.numel() == N, "s_w: float32 (N,)");
+  const bool bias = b.defined() && b.numel() > 0;
+  if (bias) TORCH_CHECK(b.scalar_type() == torch::kFloat32 && b.is_contiguous() && b.numel() == N, "b: float32 (N,)");
+  auto y = torch::empty({M, N}, acc.options().dtype(torch::kFloat32));
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* sxp = sx.data_ptr<float>();
+  const float* swp = sw.data_ptr<float>();
+  const float* bp = bias ? b.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const bool avx = vector && has_avx512();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      (avx ? scale_row_avx512 : scale_row_scalar)(ap + m * N, sxp[m], swp, bp, N, yp + m * N);
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rmsnorm", &add_rmsnorm);
   m.def("silu_mul", &silu_mul);
@@ -360,4 +452,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "y = x · Ŵᵀ from packed 8- or 4-bit codes (see kernels.cpp)");
   m.def("dequantize", &dequantize, "rows [n0, n1) of Ŵ as float32");
   m.def("has_avx512", &has_avx512);
+  m.def("quantize_rows", &quantize_rows, "int8 rows and their scales (W8A8 activations)");
+  m.def("scale_int32", &scale_int32, "float(acc)·s_x·s_w + b (W8A8 output)");
 }

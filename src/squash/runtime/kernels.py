@@ -22,6 +22,9 @@ from squash.errors import SquashError
 
 _SOURCE = Path(__file__).with_name("kernels.cpp")
 _lock = threading.Lock()
+# -ffp-contract=off: no a·b + c fused behind our back, so the W8A8 passes do the reference's float32 operations
+# to the bit (the kernels' own FMAs are written as intrinsics and stay FMAs)
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 _ext = None
 
 
@@ -36,12 +39,13 @@ def extension():
 
             from squash.models import cache_dir
 
-            digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+            digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()
+                                    + " ".join(_CFLAGS).encode()).hexdigest()[:12]
             build = cache_dir() / "kernels" / digest
             build.mkdir(parents=True, exist_ok=True)
             try:
                 _ext = cpp_extension.load(name=f"squash_kernels_{digest}", sources=[str(_SOURCE)],
-                                          build_directory=str(build), extra_cflags=["-O3", "-fopenmp"],
+                                          build_directory=str(build), extra_cflags=_CFLAGS,
                                           extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:  # no compiler, no ninja: the reference path still works
                 raise SquashError(f"could not build squash's CPU kernel ({type(e).__name__}: "

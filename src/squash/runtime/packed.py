@@ -280,15 +280,25 @@ class PackedW8A8Linear(nn.Module):
         self.bias = None if bias is None else bias.detach().float().clone()
         self.out_features, self.in_features = self.weight.shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        """`fused`: the activation rounding and the output scaling each run as one C++ pass (kernels.cpp,
+        same float32 operations); False, or no kernel, or a GPU: the same formula in PyTorch calls."""
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if fused and x2.device.type == "cpu" and kernels.available():
+            ext = kernels.extension()
+            xq, sx = ext.quantize_rows(x2, True)
+            y = ext.scale_int32(torch._int_mm(xq, self.weight.T), sx, self.scale,
+                                _NO_BIAS if self.bias is None else self.bias, True)
+            return y.reshape(*lead, self.out_features)
         sx = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
         xq = torch.clamp(torch.round(x2 / sx), -127, 127).to(torch.int8)
         y = torch._int_mm(xq, self.weight.T).float() * sx * self.scale  # (M, N)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+_NO_BIAS = torch.empty(0)
 
 
 def accelerate(module: nn.Module) -> dict[str, str]:
