@@ -17,6 +17,7 @@ from squash.steps import Codebook, LowRank, Outliers, Prune, Quantize, codebook,
 
 KERNEL_RTOL = 1e-5
 MODEL_RTOL = 1e-4
+INT8_X_RTOL = 3e-2  # int8 activations per 32-chunk: each x off by ≤ 1/254 of its chunk's largest value
 
 
 def _close(y, ref, rtol):
@@ -59,6 +60,60 @@ def test_nibble_packing_round_trips():
     p = pack_nibbles(c)
     assert p.shape == (5, 48)  # 77 codes → 3 chunks of 32 → 48 bytes
     assert torch.equal(unpack_nibbles(p, 77), c)
+
+
+def _rounded_x(x):
+    """x rounded to int8 per 32-chunk, as the int8-activation kernel sees it: d = max|x|/127, q = round(x/d)."""
+    M, K = x.shape
+    xc = x.reshape(M, K // 32, 32)
+    d = xc.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xc / d), torch.zeros(()))
+    return (q * d).reshape(M, K), q.reshape(M, K).to(torch.int8)
+
+
+needs_vnni = pytest.mark.skipif(not kernels.has_vnni(), reason="no AVX-512 VNNI on this CPU")
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("M,N,K,block", [(1, 37, 576, 64), (3, 50, 576, 128), (5, 20, 96, 32), (1, 8, 1536, 1536),
+                                         (9, 33, 64, 64), (4, 7, 160, 96), (2, 9, 576, 32), (7, 40, 1024, 256)])
+def test_int8_activation_kernel_matches_its_formula(bits, symmetric, M, N, K, block):
+    pw, _ = _random_packed(bits, N, K, block)
+    pw.grid = None if bits == 8 else torch.arange(16.0)[None]  # uniform codes: G[c] = c
+    if symmetric:
+        pw.zero = torch.tensor([2.0 ** (bits - 1)])
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    x[0, :32] = 0  # a chunk of zeros: d = 0
+    xr, q = _rounded_x(x)
+    w = dequantize_rows(pw, torch.arange(N)).double()
+    y = kernels.qmatmul_i8(x, pw.codes, bits, pw.scale, pw.zero, pw.block)
+    _close(y, xr.double() @ w.T, KERNEL_RTOL)                # the same products, summed in another order
+    _close(y, x.double() @ w.T, INT8_X_RTOL)                 # and what the rounding of x costs
+    assert torch.equal(kernels.extension().quantize_chunks(x, pw.block)[0], q)  # the same rounding, to the bit
+    pw.int8_activations = True
+    _close(packed_matmul(x, pw), y, 1e-6)                    # packed_matmul takes this path for few tokens
+
+
+def test_int8_activations_only_where_the_kernel_fits():
+    from squash.runtime.packed import int8_activations_ok
+
+    w = torch.randn(16, 96)
+    assert int8_activations_ok(pack(quantize(w, Quantize(bits=4, block=32, symmetric=False)))) == kernels.has_vnni()
+    assert not int8_activations_ok(pack(quantize(w, Quantize(bits=4, block=32, grid="nf"))))  # not G[c] = c
+    assert not int8_activations_ok(pack(quantize(torch.randn(16, 80), Quantize(bits=8, block="channel"))))  # K
+
+
+@pytest.mark.skipif(not kernels.available() or not kernels.extension().has_avx512(), reason="no AVX-512")
+@pytest.mark.parametrize("T,pos", [(1, 150), (3, 40), (5, 0), (1, 0)])
+def test_decode_attention_matches_pytorch(T, pos):
+    from squash.runtime.llama import _attention
+
+    g = torch.Generator().manual_seed(T + pos)
+    q, kc, vc = torch.randn(9, T, 64, generator=g), torch.randn(3, 200, 64, generator=g), torch.randn(3, 200, 64, generator=g)
+    ref = _attention(q, kc[:, :pos + T], vc[:, :pos + T], T, pos).transpose(0, 1).reshape(T, -1)
+    _close(kernels.extension().attend(q, kc, vc, pos), ref, KERNEL_RTOL)
 
 
 # ------------------------------------------------------------ real compressed tensors
@@ -133,7 +188,7 @@ def test_accelerated_llama_matches_reference_and_decoder_matches_transformers(tm
     ids = torch.randint(128, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = small.module(ids).logits[0]
-    report = accelerate(small.module)
+    report = accelerate(small.module, int8_activations=False)  # x stays float32: the exact path
     assert report and all(v.startswith("packed") for v in report.values()), report
     assert not any(isinstance(m, (QLinear, QEmbedding)) for m in small.module.modules())
     assert isinstance(small.module.model.embed_tokens, PackedEmbedding)
@@ -149,6 +204,13 @@ def test_accelerated_llama_matches_reference_and_decoder_matches_transformers(tm
     for t in range(12, 17):
         _close(dec2.forward(ids[0, t:t + 1], t)[0], ref[t], MODEL_RTOL)
     _close(dec2.forward(ids[0, 17:20], 17, last_only=False), ref[17:20], MODEL_RTOL)
+    # with int8 activations (the default where the CPU has VNNI), decoding steps round x per 32-chunk
+    rounded = squash.compress(_tiny_llama(), squash.load_recipe(recipe))
+    accelerate(rounded.module)
+    dec3 = Decoder(rounded.module, max_len=64)
+    dec3.forward(ids[0, :12], 0)
+    steps = torch.stack([dec3.forward(ids[0, t:t + 1], t)[0] for t in range(12, 20)])
+    _close(steps, ref[12:20], INT8_X_RTOL)
 
 
 def test_decoder_generates_what_transformers_generates():

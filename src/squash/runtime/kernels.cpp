@@ -353,6 +353,206 @@ torch::Tensor rope_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
   return q;
 }
 
+// ---------------------------------------------------------------- int8 activations × packed codes (VNNI)
+// llama.cpp's way of making batch-1 low-bit matmuls cheap: round x to int8 per 32-value chunk j,
+//   x[m, k] ≈ d[m, j] · q[m, k],   d = max|x_chunk| / 127,  q = round(x / d)
+// and multiply the integer codes with the integer q four at a time (vpdpbusd: u8 code × s8 q → int32):
+//   y[m, n] = Σ_b s[n, b] · ( Σ_{j ∈ b} d[m, j] · Σ_{k ∈ j} c[n, k] · q[m, k]  −  z[n, b] · E[m, b] ),
+//   E[m, b] = Σ_{j ∈ b} d[m, j] · Σ_{k ∈ j} q[m, k]
+// for uniform grids (G[c] = c: 8-bit codes, 4-bit uniform codes). The float kernel above spends ~5 cycles per 16
+// weights turning codes into floats; here 64 weights cost one multiply-add instruction per token. The price is
+// the activation rounding (relative error ≤ 1/254 of a chunk's largest value), which the tests and the bench
+// measure. Requires K and the blocks to be multiples of 32.
+
+namespace {
+
+#define SQUASH_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+struct QX {                 // x rounded to int8 per 32-chunk
+  const int8_t* q;          // (M, K)
+  const float* dexp;        // (M, K/4): d[m, j] repeated 8 times, so 16 floats at 8j are [d_j ×8, d_j+1 ×8]
+  const float* E;           // (M, nblocks)
+};
+
+// 64 codes at k (two 32-chunks) as bytes in k order.
+template <int BITS>
+SQUASH_VNNI inline __m512i codes64(const uint8_t* row, int64_t k) {
+  if (BITS == 8) return _mm512_loadu_si512(row + k);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1)));
+  const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi8(0xF));
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0xF));
+  const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // [lo_j, lo_j+1, hi_j, hi_j+1]
+  return _mm512_shuffle_i64x2(c, c, _MM_SHUFFLE(3, 1, 2, 0));               // [lo_j, hi_j, lo_j+1, hi_j+1]
+}
+
+// 32 codes at k (one chunk) in the low half, zeros above.
+template <int BITS>
+SQUASH_VNNI inline __m512i codes32(const uint8_t* row, int64_t k) {
+  if (BITS == 8) return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1)));
+  const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0xF));
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0xF));
+  return _mm512_zextsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+}
+
+// acc[j] += float(codes · q_j) · d_j · s for 64 weights at k (two chunks; sv holds each chunk's weight scale).
+template <int MB>
+SQUASH_VNNI inline void dot64(__m512i c, const int8_t* const (&q)[MB], const float* const (&dx)[MB], int64_t k,
+                              __m512 sv, __m512 (&acc)[MB]) {
+  for (int j = 0; j < MB; ++j) {
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, _mm512_loadu_si512(q[j] + k));
+    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_loadu_ps(dx[j] + (k >> 2)), sv), acc[j]);
+  }
+}
+
+// The per-block work is what costs at small blocks (group 32-64), so it is kept to a scale broadcast: blocks of
+// 32 take two scales per 64 weights in one vector, and the zero-point term is one dot product over blocks
+// after the row.
+template <int MB, int BITS>
+SQUASH_VNNI void rowq(const Args& a, const QX& x, int64_t n, int64_t m0) {
+  const int64_t K = a.K, nb = a.nblocks, blk = a.block;
+  const uint8_t* row = a.codes + n * a.row_bytes;
+  const float* srow = a.scale + n * nb;
+  const int8_t* q[MB];
+  const float* dx[MB];
+  __m512 acc[MB];
+  for (int j = 0; j < MB; ++j) {
+    q[j] = x.q + (m0 + j) * K, dx[j] = x.dexp + (m0 + j) * (K >> 2);
+    acc[j] = _mm512_setzero_ps();
+  }
+  if (blk == 32 && K % 64 == 0) {
+    for (int64_t k = 0; k < K; k += 64) {
+      const __m512 sv = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(srow[k >> 5])),
+                                                            _mm256_castps_pd(_mm256_set1_ps(srow[(k >> 5) + 1])), 1));
+      dot64<MB>(codes64<BITS>(row, k), q, dx, k, sv, acc);
+    }
+  } else if (blk >= 64 && (blk & (blk - 1)) == 0 && K % 64 == 0) {  // groups of 64, 128, …: scale index k >> log2
+    const int shift = __builtin_ctzll(blk);
+    for (int64_t k = 0; k < K; k += 64) dot64<MB>(codes64<BITS>(row, k), q, dx, k, _mm512_set1_ps(srow[k >> shift]), acc);
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512 sv = _mm512_set1_ps(srow[b]);
+      const int64_t k1 = std::min(K, (b + 1) * blk);
+      int64_t k = b * blk;
+      for (; k + 64 <= k1; k += 64) dot64<MB>(codes64<BITS>(row, k), q, dx, k, sv, acc);
+      if (k < k1) {  // one chunk left in the block: the upper 8 lanes are zero codes and zero scales
+        const __m512i c = codes32<BITS>(row, k);
+        for (int j = 0; j < MB; ++j) {
+          const __m512i qj = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[j] + k)));
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, qj);
+          acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_maskz_loadu_ps(0xFF, dx[j] + (k >> 2)), sv),
+                                   acc[j]);
+        }
+      }
+    }
+  }
+  // − Σ_b s[b]·z[b]·E[m, b], 16 blocks at a time
+  for (int j = 0; j < MB; ++j) {
+    const float* E = x.E + (m0 + j) * nb;
+    __m512 zacc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 16) {
+      const __mmask16 mask = tail_mask(nb - b);
+      const __m512 se = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, srow + b), _mm512_maskz_loadu_ps(mask, E + b));
+      const __m512 z = a.zstep ? _mm512_maskz_loadu_ps(mask, a.zero + n * nb + b) : _mm512_set1_ps(a.zero[0]);
+      zacc = _mm512_fmadd_ps(se, z, zacc);
+    }
+    a.y[(m0 + j) * a.N + n] = _mm512_reduce_add_ps(acc[j]) - _mm512_reduce_add_ps(zacc);
+  }
+}
+
+template <int BITS>
+SQUASH_VNNI void rowsq_bits(const Args& a, const QX& x, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) rowq<4, BITS>(a, x, n, m);
+    switch (a.M - m) {
+      case 3: rowq<3, BITS>(a, x, n, m); break;
+      case 2: rowq<2, BITS>(a, x, n, m); break;
+      case 1: rowq<1, BITS>(a, x, n, m); break;
+      default: break;
+    }
+  }
+}
+
+SQUASH_VNNI void rowsq(const Args& a, const QX& x, int64_t n0, int64_t n1) {
+  if (a.bits == 8) rowsq_bits<8>(a, x, n0, n1); else rowsq_bits<4>(a, x, n0, n1);
+}
+
+// One 32-chunk: q = round(x / d) (0 where d = 0), d written 8 times; returns d · Σ q.
+SQUASH_AVX512 float quantize_chunk(const float* x, int8_t* q, float* dexp) {
+  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+  const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1))) / 127.f;
+  _mm256_storeu_ps(dexp, _mm256_set1_ps(d));
+  if (d == 0.f) {
+    std::memset(q, 0, 32);
+    return 0.f;
+  }
+  const __m512 dv = _mm512_set1_ps(d);
+  const int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  // |x / d| ≤ 127 by construction: no clamp needed before the conversion
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(x0, dv), rn));
+  const __m512i q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(x1, dv), rn));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(q0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(q1));
+  return d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+}
+
+bool has_vnni() {
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
+}  // namespace
+
+// x (M, K) → q (M, K), dexp (M, K/4), E (M, nblocks) for blocks of `block` (see above), into caller's buffers.
+// Few tokens (decoding): one thread, no tensors allocated; the per-call overhead is what a 576×576 product costs.
+void quantize_into(const float* xp, int64_t M, int64_t K, int64_t block, int8_t* qp, float* dp, float* ep) {
+  const int64_t nblocks = (K + block - 1) / block, chunks = K / 32;
+  std::fill(ep, ep + M * nblocks, 0.f);
+  auto rows = [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t j = 0; j < chunks; ++j)
+        ep[m * nblocks + (32 * j) / block] += quantize_chunk(xp + m * K + 32 * j, qp + m * K + 32 * j, dp + m * (K / 4) + 8 * j);
+  };
+  if (M * K <= (1 << 16)) rows(0, M); else at::parallel_for(0, M, 1, rows);
+}
+
+void check_chunked(torch::Tensor x, int64_t block) {
+  TORCH_CHECK(has_vnni(), "this CPU has no AVX-512 VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(x.size(1) % 32 == 0 && (block >= x.size(1) || block % 32 == 0), "K and the block must be multiples of 32");
+}
+
+// The same as tensors, for tests: (q int8 (M, K), dexp (M, K/4), E (M, nblocks)).
+std::vector<torch::Tensor> quantize_chunks(torch::Tensor x, int64_t block) {
+  check_chunked(x, block);
+  const int64_t M = x.size(0), K = x.size(1), nblocks = (K + block - 1) / block;
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto dexp = torch::empty({M, K / 4}, x.options());
+  auto E = torch::empty({M, nblocks}, x.options());
+  quantize_into(x.data_ptr<float>(), M, K, block, q.data_ptr<int8_t>(), dexp.data_ptr<float>(), E.data_ptr<float>());
+  return {q, dexp, E};
+}
+
+// y (M, N) = x · Ŵᵀ with x rounded to int8 per 32-chunk (formula above); uniform 8- or 4-bit codes only.
+torch::Tensor qmatmul_i8(torch::Tensor x, torch::Tensor codes, int64_t bits, torch::Tensor scale, torch::Tensor zero,
+                         int64_t block) {
+  check_chunked(x, block);
+  static const torch::Tensor identity = torch::arange(16, torch::dtype(torch::kFloat32)).reshape({1, 16});
+  Args a = check_args(x.size(1), codes, bits, identity, scale, zero, block);
+  const int64_t M = x.size(0), K = x.size(1), N = a.N;
+  std::vector<int8_t> q(M * K);
+  std::vector<float> dexp(M * K / 4), E(M * a.nblocks);
+  quantize_into(x.data_ptr<float>(), M, K, block, q.data(), dexp.data(), E.data());
+  auto y = torch::empty({M, N}, x.options());
+  a.M = M;
+  a.y = y.data_ptr<float>();
+  const QX qx{q.data(), dexp.data(), E.data()};
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.K * M));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rowsq(a, qx, n0, n1); });
+  return y;
+}
+
 // ---------------------------------------------------------------- W8A8: the two passes around torch._int_mm
 // y = (q(x)·Cᵀ)·s_x·s_w + b, with q(x) = clamp(round(x / s_x), −127, 127), s_x = max(max|x|, 1e−12) / 127 per row:
 // PyTorch's int8 matmul (oneDNN, VNNI/AMX) is 4× float32's GEMM here, but rounding the activations and scaling
@@ -445,13 +645,64 @@ torch::Tensor scale_int32(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw,
   return y;
 }
 
+// Attention of a few new tokens over the cache, out (T, H·D) in the layout the output projection reads:
+//   out[t, h] = Σ_s p[s] · V[h / g, s],   p = softmax_s(q[h, t] · K[h / g, s] / √D),  s ≤ pos + t,  g = H / Hkv
+// At T = 1 PyTorch's CPU flash attention spends ~75 µs a layer allocating its buffers for ~20 k multiply-adds.
+SQUASH_AVX512 void attend_one(const float* qv, const float* K, const float* V, int64_t S, int64_t D, float scale,
+                              float* p, float* o) {
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qv + d), _mm512_loadu_ps(K + s * D + d), acc);
+    p[s] = _mm512_reduce_add_ps(acc) * scale;
+    mx = std::max(mx, p[s]);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s < S; ++s) total += (p[s] = std::exp(p[s] - mx));
+  const __m512 inv = _mm512_set1_ps(1.f / total);
+  for (int64_t d = 0; d < D; d += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), _mm512_loadu_ps(V + s * D + d), acc);
+    _mm512_storeu_ps(o + d, _mm512_mul_ps(acc, inv));
+  }
+}
+
+torch::Tensor attend(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, int64_t pos) {
+  TORCH_CHECK(has_avx512(), "attend needs AVX-512");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q: contiguous float32 (H, T, D)");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes()
+              && k_cache.size(2) == q.size(2), "caches: (Hkv, cap, D)");
+  const int64_t H = q.size(0), T = q.size(1), D = q.size(2), Hkv = k_cache.size(0), cap = k_cache.size(1);
+  TORCH_CHECK(H % Hkv == 0 && pos + T <= cap && D % 16 == 0, "heads, positions or head size (a multiple of 16) out of range");
+  auto out = torch::empty({T, H * D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t group = H / Hkv;
+  at::parallel_for(0, H * T, T > 1 ? 1 : H * T, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(pos + T);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / T, t = i % T;
+      attend_one(qp + (h * T + t) * D, kp + (h / group) * cap * D, vp + (h / group) * cap * D, pos + t + 1, D, scale,
+                 p.data(), op + t * H * D + h * D);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rmsnorm", &add_rmsnorm);
   m.def("silu_mul", &silu_mul);
   m.def("rope_cache", &rope_cache);
+  m.def("attend", &attend, "attention of a few new tokens over the KV cache, (T, H·D)");
   m.def("qmatmul", &qmatmul, "y = x · Ŵᵀ from packed 8- or 4-bit codes (see kernels.cpp)");
   m.def("dequantize", &dequantize, "rows [n0, n1) of Ŵ as float32");
   m.def("has_avx512", &has_avx512);
+  m.def("has_vnni", &has_vnni);
+  m.def("quantize_chunks", &quantize_chunks, "x rounded to int8 per 32-chunk: q, d repeated ×8, E per block");
+  m.def("qmatmul_i8", &qmatmul_i8, "y = x·Ŵᵀ with int8 activations per 32-chunk (VNNI); uniform codes");
   m.def("quantize_rows", &quantize_rows, "int8 rows and their scales (W8A8 activations)");
   m.def("scale_int32", &scale_int32, "float(acc)·s_x·s_w + b (W8A8 output)");
 }

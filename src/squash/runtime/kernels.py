@@ -87,3 +87,15 @@ def dequantize(K: int, codes: torch.Tensor, bits: int, grid: torch.Tensor | None
     """Rows [n0, n1) of Ŵ as float32 (n1 − n0, K)."""
     empty = grid if grid is not None else torch.empty(0, 16)
     return extension().dequantize(K, codes, bits, empty, scale, zero, block, n0, n1, vector)
+
+
+def has_vnni() -> bool:
+    """Whether the int8-activation kernel runs here (AVX-512 VNNI), asked once."""
+    return available() and (_ext or extension()).has_vnni()
+
+
+def qmatmul_i8(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor,
+               block: int) -> torch.Tensor:
+    """y = x·Ŵᵀ with x rounded to int8 per 32-chunk (d = max|x|/127, q = round(x/d)) and uniform codes
+    (G[c] = c) multiplied as integers: kernels.cpp has the formula."""
+    return (_ext or extension()).qmatmul_i8(x, codes, bits, scale, zero, block)

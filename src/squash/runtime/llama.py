@@ -146,12 +146,16 @@ class Decoder:
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         x = ext.add_rmsnorm(h, _EMPTY, self.layers[0]["n1"], self.eps)
+        own_attention = T <= ATTEND_UPTO and D % 16 == 0 and ext.has_avx512()
         for i, L in enumerate(self.layers):
             qkv = _linear(L["qkv"], x)  # (T, (H + 2·Hkv)·D)
             q = ext.rope_cache(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, H, Hkv)  # (H, T, D)
             K, V = self.k_cache[i, :, :pos + T], self.v_cache[i, :, :pos + T]  # (Hkv, S, D)
-            att = _attention(q, K, V, T, pos)  # (H, T, D)
-            x = ext.add_rmsnorm(h, _linear(L["o"], att.transpose(0, 1).reshape(T, H * D)), L["n2"], self.eps)
+            if own_attention:  # decoding: squash's loop over the cache, already (T, H·D)
+                att = ext.attend(q, self.k_cache[i], self.v_cache[i], pos)
+            else:
+                att = _attention(q, K, V, T, pos).transpose(0, 1).reshape(T, H * D)
+            x = ext.add_rmsnorm(h, _linear(L["o"], att), L["n2"], self.eps)
             down = _linear(L["down"], ext.silu_mul(_linear(L["gate_up"], x)))
             g = self.layers[i + 1]["n1"] if i + 1 < len(self.layers) else self.norm
             x = ext.add_rmsnorm(h, down, g, self.eps)  # h += down; x = the next layer's input (or the final norm)
@@ -208,6 +212,9 @@ class Decoder:
 
 
 _EMPTY = torch.empty(0)
+
+
+ATTEND_UPTO = 8  # new tokens: up to here ext.attend (no buffers to allocate); beyond, PyTorch's flash attention
 
 
 def _fused_ops():

@@ -45,6 +45,7 @@ class PackedWeight:
     sparse_rows: torch.Tensor | None = None
     sparse_cols: torch.Tensor | None = None
     sparse_value: torch.Tensor | None = None
+    int8_activations: bool = False  # few-token products round x to int8 per 32-chunk (kernels.qmatmul_i8)
 
     def to(self, device) -> "PackedWeight":
         """The same weight with every array on `device` (the GPU path dequantizes there per call)."""
@@ -168,19 +169,34 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, vector: bool = True) -> tor
         return F.linear(x, w.to(x.dtype)).float()
     if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and x.shape[0] < TILED_FROM \
             and pw.col_scale is None and pw.u is None and pw.sparse_rows is None:  # the decode step: nothing else
-        return kernels.qmatmul(x, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, vector)
+        return _few_tokens(x, pw, vector)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.shape[1]).float().contiguous()  # (M, K)
     xq = x2 * pw.col_scale if pw.col_scale is not None else x2
     if x2.shape[0] >= TILED_FROM:
         y = _tiled(xq.contiguous(), pw, vector)
     else:
-        y = kernels.qmatmul(xq.contiguous(), pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, vector)
+        y = _few_tokens(xq.contiguous(), pw, vector)
     if pw.u is not None:
         y = y + (x2 @ pw.v.T) @ pw.u.T  # (M, r) · (r, N)
     if pw.sparse_rows is not None:
         y.index_add_(1, pw.sparse_rows, x2[:, pw.sparse_cols] * pw.sparse_value)
     return y.reshape(*lead, pw.shape[0])
+
+
+def _few_tokens(x: torch.Tensor, pw: PackedWeight, vector: bool) -> torch.Tensor:
+    if pw.int8_activations and vector:
+        return kernels.qmatmul_i8(x, pw.codes, pw.bits, pw.scale, pw.zero, pw.block)
+    return kernels.qmatmul(x, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, vector)
+
+
+def int8_activations_ok(pw: PackedWeight) -> bool:
+    """Whether the int8-activation kernel can take this weight: uniform codes (G[c] = c), K and the blocks
+    multiples of 32, a CPU with AVX-512 VNNI."""
+    N, K = pw.shape
+    uniform = pw.grid is None or (pw.grid.shape[0] == 1 and torch.equal(pw.grid[0], torch.arange(16.0)))
+    return (uniform and K % 32 == 0 and (pw.block >= K or pw.block % 32 == 0) and pw.codes.device.type == "cpu"
+            and kernels.has_vnni())
 
 
 TILED_FROM = 16  # tokens: from here on a float GEMM over dequantised tiles beats streaming the codes per 8 tokens
@@ -301,8 +317,11 @@ class PackedW8A8Linear(nn.Module):
 _NO_BIAS = torch.empty(0)
 
 
-def accelerate(module: nn.Module) -> dict[str, str]:
+def accelerate(module: nn.Module, int8_activations: bool = True) -> dict[str, str]:
     """Swap every packable compressed Linear/Embedding for its packed form, in place.
+
+    `int8_activations`: products over fewer than TILED_FROM tokens (decoding) round x to int8 per 32-chunk and
+    multiply integers (kernels.qmatmul_i8, llama.cpp's scheme) where the weight allows; False keeps x in float32.
 
     Returns {module name: "packed 8-bit" | "packed 4-bit" | "int8×int8 matmul" | "reference: <reason>"}
     (W8A8 layers run on torch._int_mm). Tied modules (an
@@ -334,6 +353,7 @@ def accelerate(module: nn.Module) -> dict[str, str]:
                 report[full] = f"reference: {reason}"
                 continue
             pw = done.get(id(ct)) or pack(ct)
+            pw.int8_activations = int8_activations and int8_activations_ok(pw)
             done[id(ct)] = pw
             new = PackedLinear(pw, child.bias) if isinstance(child, QLinear) else PackedEmbedding(pw, child.padding_idx)
             setattr(mod, child_name, new)
@@ -370,7 +390,8 @@ def concat_packed(pws: list[PackedWeight]) -> PackedWeight | None:
     out = PackedWeight((sum(p.shape[0] for p in pws), first.shape[1]), first.bits,
                        torch.cat([p.codes for p in pws]).contiguous(), grid,
                        torch.cat([p.scale for p in pws]).contiguous(), _cat_zero(pws),
-                       first.block, col_scale=first.col_scale)
+                       first.block, col_scale=first.col_scale,
+                       int8_activations=all(p.int8_activations for p in pws))
     if any(p.sparse_rows is not None for p in pws):
         offsets = torch.tensor([0] + [p.shape[0] for p in pws]).cumsum(0)
         parts = [(p.sparse_rows + offsets[i], p.sparse_cols, p.sparse_value) for i, p in enumerate(pws)
@@ -379,13 +400,13 @@ def concat_packed(pws: list[PackedWeight]) -> PackedWeight | None:
     return out
 
 
-def load_packed(path) -> "Model":
+def load_packed(path, int8_activations: bool = True) -> "Model":
     """A .squash file loaded for running: packable weights packed (see accelerate), the rest on the
     reference path; the model's `runtime` maps each compressed layer to how it runs."""
     from squash.io.squash_file import load_squash
 
     model = load_squash(path)
-    report = accelerate(model.module)
+    report = accelerate(model.module, int8_activations)
     packed = {f"{name}.weight" for name, how in report.items() if not how.startswith("reference")}
     model.tensors = {n: ct for n, ct in model.tensors.items() if n not in packed}  # their codes live packed now
     model.runtime = report
