@@ -275,8 +275,10 @@ def test_w8a8_layers_run_on_int8_matmul_and_match_the_reference():
             assert torch.equal(q, torch.clamp(torch.round(x / ref_sx), -127, 127).to(torch.int8))
             acc = torch.randint(-2**20, 2**20, (5, K), dtype=torch.int32)
             sw, b = torch.rand(K), torch.randn(K)
-            assert torch.equal(ext.scale_int32(acc, sx, sw, b, vector), acc.float() * sx * sw + b)
-            assert torch.equal(ext.scale_int32(acc, sx, sw, torch.empty(0), vector), acc.float() * sx * sw)
+            # written over acc: the reference is taken first
+            ref, ref_nobias = acc.float() * sx * sw + b, acc.float() * sx * sw
+            assert torch.equal(ext.scale_int32(acc.clone(), sx, sw, b, vector), ref)
+            assert torch.equal(ext.scale_int32(acc.clone(), sx, sw, torch.empty(0), vector), ref_nobias)
     net = torch.nn.Sequential(torch.nn.Linear(96, 70), torch.nn.ReLU(), torch.nn.Linear(70, 5))
     small = squash.compress(net, squash.load_recipe("w8a8"))
     x = torch.randn(4, 96)
