@@ -171,21 +171,32 @@ def write(rows: list[dict], args, seconds: float) -> None:
     meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "threads": 2, "torch": torch.__version__,
             "llama_cpp_python": llama_cpp.__version__, "command": "python bench/export_check.py " + " ".join(sys.argv[1:]),
             "model": MODEL, "windows": "16 × 512 tokens of squash's evaluation text", "seconds": round(seconds, 1)}
-    (RESULTS / "export_check.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    for r in rows:
+        r.setdefault("date", meta["date"])
+    # rows of recipes not rerun this time (a quick run scores gguf-q8_0 only) are kept, with the date they were
+    # measured on, rather than dropped from the table
+    old = RESULTS / "export_check.json"
+    if old.exists():
+        previous = json.loads(old.read_text())
+        rerun = {r["recipe"] for r in rows}
+        rows += [{**r, "date": r.get("date", previous["meta"]["date"])} for r in previous["rows"] if r["recipe"] not in rerun]
+    tmp = old.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    tmp.replace(old)
     lines = [
         f"Measured {meta['date']} on {meta['cpu']}, 2 threads, torch {meta['torch']}, llama-cpp-python "
         f"{meta['llama_cpp_python']}, by `{meta['command']}` ({meta['seconds']:.0f} s). Perplexity of {MODEL} over "
         f"the same {rows[0]['tokens']:,} next-token predictions (16 windows of 512 tokens, squash's tokenizer), "
         "squash's forward pass on the .squash file against llama.cpp on the exported GGUF.",
         "",
-        "| recipe | GGUF tensors | exact / refit | max abs Δ vs squash's Ŵ (worst rel. RMS) | GGUF size | squash ppl | llama.cpp ppl | difference |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| recipe | GGUF tensors | exact / refit | max abs Δ vs squash's Ŵ (worst rel. RMS) | GGUF size | squash ppl | llama.cpp ppl | difference | measured |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         dev = "" if r.get("max_abs_dev") is None else f"{r['max_abs_dev']:.2g} ({r['rel_rms_dev']:.2g})"
         counts = "" if r["exact"] is None else f"{r['exact']} / {r['refit']}"
         lines.append(f"| {r['recipe']} | {r['gguf_types']} | {counts} | {dev} | {r['gguf_bytes'] / 1e6:.1f} MB | "
-                     f"{r['squash_ppl']:.4f} | {r['llama_ppl']:.4f} | {100 * r['rel_diff']:+.2f}% |")
+                     f"{r['squash_ppl']:.4f} | {r['llama_ppl']:.4f} | {100 * r['rel_diff']:+.2f}% | {r['date']} |")
     (RESULTS / "export_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
