@@ -264,11 +264,14 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor codes, int64_t bits, torch:
 }
 
 // Rows [n0, n1) of Ŵ as float32 (n1 − n0, K).
+// `out`, when given (numel > 0), is written instead of a new tensor: a reused tile is not page-faulted in again.
 torch::Tensor dequantize(int64_t K, torch::Tensor codes, int64_t bits, torch::Tensor grid, torch::Tensor scale,
-                         torch::Tensor zero, int64_t block, int64_t n0, int64_t n1, bool vector) {
+                         torch::Tensor zero, int64_t block, int64_t n0, int64_t n1, bool vector, torch::Tensor out) {
   Args a = check_args(K, codes, bits, grid, scale, zero, block);
   TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= a.N, "rows out of range");
-  auto out = torch::empty({n1 - n0, K}, torch::dtype(torch::kFloat32));
+  if (out.numel() == 0) out = torch::empty({n1 - n0, K}, torch::dtype(torch::kFloat32));
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == n1 - n0 &&
+              out.size(1) == K, "out: contiguous float32 (rows, K)");
   float* o = out.data_ptr<float>();
   const bool simd = vector && has_avx512();
   at::parallel_for(n0, n1, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
@@ -293,15 +296,17 @@ torch::Tensor add_rmsnorm(torch::Tensor h, torch::Tensor delta, torch::Tensor g,
   const float* dp = add ? delta.data_ptr<float>() : nullptr;
   const float* gp = g.data_ptr<float>();
   float* xp = x.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    float* hr = hp + t * C;
-    if (add)
-      for (int64_t c = 0; c < C; ++c) hr[c] += dp[t * C + c];
-    float ss = 0.f;
-    for (int64_t c = 0; c < C; ++c) ss += hr[c] * hr[c];
-    const float r = 1.f / std::sqrt(ss / C + static_cast<float>(eps));
-    for (int64_t c = 0; c < C; ++c) xp[t * C + c] = hr[c] * r * gp[c];
-  }
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {  // one thread up to 16 rows (decoding)
+    for (int64_t t = t0; t < t1; ++t) {
+      float* hr = hp + t * C;
+      if (add)
+        for (int64_t c = 0; c < C; ++c) hr[c] += dp[t * C + c];
+      float ss = 0.f;
+      for (int64_t c = 0; c < C; ++c) ss += hr[c] * hr[c];
+      const float r = 1.f / std::sqrt(ss / C + static_cast<float>(eps));
+      for (int64_t c = 0; c < C; ++c) xp[t * C + c] = hr[c] * r * gp[c];
+    }
+  });
   return x;
 }
 

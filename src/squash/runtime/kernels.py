@@ -83,10 +83,15 @@ os.environ.setdefault("MAX_JOBS", "2")  # the build uses this machine's 2 cores,
 
 
 def dequantize(K: int, codes: torch.Tensor, bits: int, grid: torch.Tensor | None, scale: torch.Tensor,
-               zero: torch.Tensor, block: int, n0: int, n1: int, vector: bool = True) -> torch.Tensor:
-    """Rows [n0, n1) of Ŵ as float32 (n1 − n0, K)."""
-    empty = grid if grid is not None else torch.empty(0, 16)
-    return extension().dequantize(K, codes, bits, empty, scale, zero, block, n0, n1, vector)
+               zero: torch.Tensor, block: int, n0: int, n1: int, vector: bool = True,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [n0, n1) of Ŵ as float32 (n1 − n0, K), into `out` when given."""
+    empty = grid if grid is not None else _NO_GRID
+    return extension().dequantize(K, codes, bits, empty, scale, zero, block, n0, n1, vector,
+                                  _NO_OUT if out is None else out)
+
+
+_NO_OUT = torch.empty(0)
 
 
 def has_vnni() -> bool:

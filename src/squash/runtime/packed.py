@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -210,14 +211,28 @@ def _tiled(x: torch.Tensor, pw: PackedWeight, vector: bool) -> torch.Tensor:
     N, K = pw.shape
     rows = max(1, TILE_FLOATS // K)
     if rows >= N:  # one tile: one GEMM, no copy into a slice
-        w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, 0, N, vector)
+        w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, 0, N, vector,
+                               out=_tile(N, K))
         return x @ w.T
     y = torch.empty(x.shape[0], N)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
-        w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, n0, n1, vector)
+        w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, n0, n1, vector,
+                               out=_tile(n1 - n0, K))
         y[:, n0:n1] = x @ w.T  # (M, K) · (K, tile)
     return y
+
+
+_scratch = threading.local()
+
+
+def _tile(rows: int, K: int) -> torch.Tensor:
+    """A (rows, K) float32 view of this thread's tile buffer (at most TILE_FLOATS values, kept between calls):
+    a fresh 4 MB tensor each call costs more in page faults than the dequantisation itself."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < rows * K:
+        buf = _scratch.buf = torch.empty(rows * K)
+    return buf[: rows * K].view(rows, K)
 
 
 class PackedLinear(nn.Module):
