@@ -258,6 +258,8 @@ def main(argv=None) -> int:
             ok &= run_part([str(HERE / "quality.py"), "--model", m, *quick], f"quality: {m}")
         if "speed" in parts:
             ok &= run_part([str(HERE / "speed.py"), "--model", m, *quick], f"speed: {m}")
+            if m == "smollm2-135m" and not args.quick:  # what decoding with int8 activations costs (~1 min)
+                ok &= run_part([str(HERE / "int8_activations.py")], "int8 activations: perplexity")
     if "export" in parts and "smollm2-135m" in args.models:
         recipes = ["--recipes", "gguf-q8_0"] if args.quick else []  # full: also gguf-q4_0 and int4 (GPTQ, minutes)
         ok &= run_part([str(HERE / "export_check.py"), *recipes], "export: GGUF in llama.cpp vs squash")

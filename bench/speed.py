@@ -466,7 +466,7 @@ def configs_for(model_name: str, quick: bool) -> list[dict]:
         int4 = "rtn4" if quick else "int4"
         rows += [{"label": "squash int8", "kind": "squash", "recipe": "int8", "bits": 8},
                  {"label": f"squash {int4}", "kind": "squash", "recipe": int4, "bits": 4}]
-        for q, bits in (("F32", 32), ("Q8_0", 8), ("Q4_0", 4)):
+        for q, bits in ((("F32", 32),) if not quick else ()) + (("Q8_0", 8), ("Q4_0", 4)):  # quick: no F32
             rows.append({"label": f"llama.cpp {q}", "kind": "llama.cpp", "qtype": q, "bits": bits})
         peer_rows = [("torchao", 8, "int8wo"), ("hqq", 4, "hqq4")]
         if not quick:
