@@ -163,6 +163,7 @@ def test_codes_that_fit_are_written_exactly(tmp_path, compressed, name):
         assert np.all(np.abs(back[key] - w_hat) <= FP16_EPS * (np.abs(w_hat) + 2 * np.abs(s * z)) + 1e-12), key
     rows = {r["type"]: r for r in report["summary"]}
     assert rows[EXPECTED_TYPE[name]]["exact"] == len(small.tensors) and rows[EXPECTED_TYPE[name]]["refit"] == 0
+    assert not any("did not fit" in n for n in report["notes"])
     # float tensors: the norms, as F32, bit for bit
     state = small.module.state_dict()
     np.testing.assert_array_equal(back["output_norm.weight"], state["model.norm.weight"].numpy())
@@ -218,6 +219,8 @@ def test_refits_stay_close_to_squash(tmp_path, compressed, name):
             ref = np.abs(w_hat).reshape(rows, cols // 32, 32)[clean]
             sz = np.abs(expand(ct.scale, ct) * expand(ct.zero_point(), ct)).reshape(rows, cols // 32, 32)[clean]
             assert clean.mean() > 0.5 and np.all(d <= FP16_EPS * (ref + 2 * sz) + 1e-12)
+    # the user is told that llama.cpp will not run squash's own values, and which recipe would
+    assert any("did not fit a llama.cpp type" in n and "gguf-q4_0" in n for n in report["notes"])
 
 
 def test_forced_types(tmp_path, compressed):

@@ -827,6 +827,13 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    refit = [w for w in written if w.how == "refit" and w.qtype not in ("F16", "F32")]
+    if refit:  # llama.cpp will not reproduce squash's quality exactly: say so where the user looks
+        worst = max(refit, key=lambda w: w.rel_rms)
+        notes.append(f"{len(refit)} of {len(written)} tensors did not fit a llama.cpp type as squash stored them "
+                     f"(outliers, low-rank terms, column scales, NF/log grids or odd groups) and were quantized "
+                     f"again (worst: {worst.name}, relative RMS deviation {worst.rel_rms:.2g} from squash's Ŵ); "
+                     "for a GGUF that carries squash's own codes compress with the gguf-q4_0 or gguf-q8_0 recipe")
     return _report(path, written, src, main_type, notes)
 
 

@@ -525,7 +525,8 @@ void quantize_into(const float* xp, int64_t M, int64_t K, int64_t block, int8_t*
 void check_chunked(torch::Tensor x, int64_t block) {
   TORCH_CHECK(has_vnni(), "this CPU has no AVX-512 VNNI");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
-  TORCH_CHECK(x.size(1) % 32 == 0 && (block >= x.size(1) || block % 32 == 0), "K and the block must be multiples of 32");
+  TORCH_CHECK(block > 0 && x.size(1) % 32 == 0 && (block >= x.size(1) || block % 32 == 0),
+              "K and the block must be multiples of 32");
 }
 
 // The same as tensors, for tests: (q int8 (M, K), dexp (M, K/4), E (M, nblocks)).

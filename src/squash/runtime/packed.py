@@ -210,15 +210,17 @@ def _tiled(x: torch.Tensor, pw: PackedWeight, vector: bool) -> torch.Tensor:
     each tile one float GEMM."""
     N, K = pw.shape
     rows = max(1, TILE_FLOATS // K)
+    # the kernel writes the reused buffer behind autograd's back: a graph that saves w gets a fresh tile
+    tile = _tile if not (torch.is_grad_enabled() and x.requires_grad) else (lambda r, k: None)
     if rows >= N:  # one tile: one GEMM, no copy into a slice
         w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, 0, N, vector,
-                               out=_tile(N, K))
+                               out=tile(N, K))
         return x @ w.T
     y = torch.empty(x.shape[0], N)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, n0, n1, vector,
-                               out=_tile(n1 - n0, K))
+                               out=tile(n1 - n0, K))
         y[:, n0:n1] = x @ w.T  # (M, K) · (K, tile)
     return y
 
