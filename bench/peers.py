@@ -393,6 +393,11 @@ class NoInferenceMode:
         with torch.inference_mode(False), torch.no_grad():
             return self.module(*args, **kwargs)
 
+    def __getattr__(self, name):  # .config and the rest, as the wrapped module has them (the speed bench asks)
+        if name == "module":
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
 
 # ---------------------------------------------------------------- torchao
 
