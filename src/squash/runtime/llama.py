@@ -150,10 +150,10 @@ class Decoder:
         for i, L in enumerate(self.layers):
             qkv = _linear(L["qkv"], x)  # (T, (H + 2·Hkv)·D)
             q = ext.rope_cache(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, H, Hkv)  # (H, T, D)
-            K, V = self.k_cache[i, :, :pos + T], self.v_cache[i, :, :pos + T]  # (Hkv, S, D)
             if own_attention:  # decoding: squash's loop over the cache, already (T, H·D)
                 att = ext.attend(q, self.k_cache[i], self.v_cache[i], pos)
             else:
+                K, V = self.k_cache[i, :, :pos + T], self.v_cache[i, :, :pos + T]  # (Hkv, S, D)
                 att = _attention(q, K, V, T, pos).transpose(0, 1).reshape(T, H * D)
             x = ext.add_rmsnorm(h, _linear(L["o"], att), L["n2"], self.eps)
             gu = _linear(L["gate_up"], x)
