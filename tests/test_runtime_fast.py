@@ -319,6 +319,58 @@ def test_many_tokens_take_the_tiled_path_and_match(bits):
     _close(tile, dequantize_rows(pw, torch.arange(5, 17)), 1e-6)
 
 
+@pytest.mark.parametrize("M", [1, 5, 20])  # the decode step, a few tokens, the tiled path
+@pytest.mark.parametrize("col_scale", [False, True])
+def test_outliers_are_added_by_the_kernel_in_every_path(M, col_scale):
+    from dataclasses import replace
+
+    from squash.runtime import packed
+
+    w = torch.randn(300, 256, generator=torch.Generator().manual_seed(5))
+    ct = quantize(w, Quantize(bits=4, block=64, symmetric=False), outliers(w, Outliers(0.01)))
+    if col_scale:
+        ct = replace(ct, col_scale=torch.rand(256, generator=torch.Generator().manual_seed(6)) + 0.5)
+    ref = ct.dequantize().double()
+    pw = pack(ct)
+    assert int(pw.sparse_ptr[-1]) == ct.sparse_index.numel() > 0 and pw.sparse_cols.dtype == torch.int32
+    x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M))
+    _close(packed_matmul(x, pw), x.double() @ ref.T, KERNEL_RTOL)
+    _close(packed_matmul(x, pw, vector=False), x.double() @ ref.T, KERNEL_RTOL)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(packed, "TILE_FLOATS", 128 * 256)  # three tiles, the last partial: outliers per tile
+    _close(packed_matmul(x, pw), x.double() @ ref.T, KERNEL_RTOL)
+    monkey.undo()
+    if packed.int8_activations_ok(pw):
+        pw.int8_activations = True
+        _close(packed_matmul(x, pw), x.double() @ ref.T, INT8_X_RTOL)
+    rows = torch.tensor([3, 3, 299, 0, 3])  # repeats, as token ids repeat in an embedding lookup
+    _close(dequantize_rows(pw, rows), ref[rows], 1e-6)
+    dense = ref - replace(ct, sparse_index=None, sparse_value=None).dequantize().double()  # S alone
+    _close(packed._sparse_rows(pw, rows), dense[rows], 1e-6)  # the PyTorch (GPU) path
+
+
+def test_fused_projections_keep_each_parts_outliers():
+    from squash.runtime.packed import concat_packed
+
+    g = torch.Generator().manual_seed(8)
+    parts = [torch.randn(n, 128, generator=g) for n in (40, 24, 56)]
+    cts = [quantize(w, Quantize(bits=4, block=64, symmetric=False), outliers(w, Outliers(0.02))) if i != 1
+           else quantize(w, Quantize(bits=4, block=64, symmetric=False)) for i, w in enumerate(parts)]
+    fused = concat_packed([pack(ct) for ct in cts])
+    ref = torch.cat([ct.dequantize() for ct in cts]).double()
+    for M in (1, 20):
+        x = torch.randn(M, 128, generator=g)
+        _close(packed_matmul(x, fused), x.double() @ ref.T, KERNEL_RTOL)
+
+
+def test_sparse_passes_refuse_bad_arrays():
+    pw = pack(quantize(torch.randn(10, 64), Quantize(bits=4, block=64), outliers(torch.randn(10, 64), Outliers(0.05))))
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.sparse_into(torch.zeros(1, 64), pw.sparse_ptr, pw.sparse_cols, pw.sparse_value, rows=torch.tensor([10]))
+    with pytest.raises(RuntimeError, match="ptr"):
+        kernels.sparse_add(torch.zeros(1, 10), torch.zeros(1, 64), pw.sparse_ptr[:-1], pw.sparse_cols, pw.sparse_value)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [Quantize(bits=8, block="channel"), Quantize(bits=4, block=128, symmetric=False),
                                     Quantize(bits=4, block=64, grid="nf")])

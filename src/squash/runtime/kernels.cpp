@@ -699,6 +699,66 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cac
   return out;
 }
 
+// ---------------------------------------------------------------- sparse outliers (CSR)
+// The weights kept in float beside the codes, S, stored per row: row n's values are vals[ptr[n] … ptr[n+1]) at
+// columns cols[…]. About 0.3% of a matrix, a few per row: what costs is the per-call overhead, so plain loops.
+
+void check_csr(torch::Tensor ptr, torch::Tensor cols, torch::Tensor vals, int64_t N, int64_t K) {
+  TORCH_CHECK(ptr.scalar_type() == torch::kInt64 && ptr.is_contiguous() && ptr.numel() == N + 1, "ptr: int64 (N + 1,)");
+  TORCH_CHECK(cols.scalar_type() == torch::kInt32 && cols.is_contiguous() && vals.scalar_type() == torch::kFloat32 &&
+              vals.is_contiguous() && cols.numel() == vals.numel(), "cols int32, vals float32, one per value");
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  TORCH_CHECK(p[0] == 0 && p[N] == cols.numel(), "ptr must run from 0 to the number of values");
+  (void)K;
+}
+
+// y (M, N) += x (M, K) · Sᵀ, in place (few tokens: the decode step's outliers).
+void sparse_add(torch::Tensor y, torch::Tensor x, torch::Tensor ptr, torch::Tensor cols, torch::Tensor vals) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == torch::kFloat32 && y.is_contiguous() && y.size(0) == x.size(0),
+              "y: contiguous float32 (M, N)");
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  check_csr(ptr, cols, vals, N, K);
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int32_t* c = cols.data_ptr<int32_t>();
+  const float* v = vals.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  auto rows = [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.f;
+        for (int64_t i = p[n]; i < p[n + 1]; ++i) acc += xp[m * K + c[i]] * v[i];
+        yp[m * N + n] += acc;
+      }
+  };
+  if (cols.numel() * M < (1 << 15)) rows(0, N); else at::parallel_for(0, N, 64, rows);
+}
+
+// out (R, K) += S[rows], row i of out being row `rows[i]` of S (or n0 + i when rows is empty): dequantised tiles
+// and embedding lookups get their outliers without building S.
+void sparse_into(torch::Tensor out, torch::Tensor ptr, torch::Tensor cols, torch::Tensor vals, torch::Tensor rows,
+                 int64_t n0) {
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == torch::kFloat32 && out.is_contiguous(), "out: contiguous float32");
+  const int64_t R = out.size(0), K = out.size(1), N = ptr.numel() - 1;
+  check_csr(ptr, cols, vals, N, K);
+  const bool listed = rows.numel() > 0;
+  if (listed) TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous() && rows.numel() == R, "rows: int64 (R,)");
+  const int64_t* rp = listed ? rows.data_ptr<int64_t>() : nullptr;
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int32_t* c = cols.data_ptr<int32_t>();
+  const float* v = vals.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = listed ? rp[r] : n0 + r;
+    TORCH_CHECK(0 <= n && n < N, "row ", n, " out of range");
+    for (int64_t i = p[n]; i < p[n + 1]; ++i) {
+      TORCH_CHECK(0 <= c[i] && c[i] < K, "column out of range");
+      o[r * K + c[i]] += v[i];
+    }
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rmsnorm", &add_rmsnorm);
   m.def("silu_mul", &silu_mul);
@@ -712,4 +772,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul_i8", &qmatmul_i8, "y = x·Ŵᵀ with int8 activations per 32-chunk (VNNI); uniform codes");
   m.def("quantize_rows", &quantize_rows, "int8 rows and their scales (W8A8 activations)");
   m.def("scale_int32", &scale_int32, "float(acc)·s_x·s_w + b (W8A8 output)");
+  m.def("sparse_add", &sparse_add, "y += x·Sᵀ for CSR outliers S, in place");
+  m.def("sparse_into", &sparse_into, "out += S[rows] for CSR outliers S, in place");
 }

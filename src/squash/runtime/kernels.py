@@ -104,3 +104,18 @@ def qmatmul_i8(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.Ten
     """y = x·Ŵᵀ with x rounded to int8 per 32-chunk (d = max|x|/127, q = round(x/d)) and uniform codes
     (G[c] = c) multiplied as integers: kernels.cpp has the formula."""
     return (_ext or extension()).qmatmul_i8(x, codes, bits, scale, zero, block)
+
+
+def sparse_add(y: torch.Tensor, x: torch.Tensor, ptr: torch.Tensor, cols: torch.Tensor,
+               values: torch.Tensor) -> None:
+    """y (M, N) += x (M, K) · Sᵀ in place, S in CSR form (row n: values[ptr[n]:ptr[n+1]] at cols[...])."""
+    (_ext or extension()).sparse_add(y, x, ptr, cols, values)
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.long)
+
+
+def sparse_into(out: torch.Tensor, ptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n0: int = 0,
+                rows: torch.Tensor | None = None) -> None:
+    """out (R, K) += S[rows] in place; without `rows`, out's row i is S's row n0 + i."""
+    (_ext or extension()).sparse_into(out, ptr, cols, values, _NO_ROWS if rows is None else rows, n0)

@@ -7,7 +7,8 @@ A CompressedTensor W ≈ s·(G[c] − z)·diag(r) + U·V + S becomes a PackedWei
     grid    (1 or N, 16) float32 levels for ≤ 4 bits (0…15 for the integer grid; NF4; a codebook)
     scale, zero   float32 (N, blocks): each block is one row high, `block` codes wide (the last may be short);
                   a symmetric tensor holds one zero point
-    col_scale r, low-rank U·V and outliers S stay as they are and are added around the kernel:
+    col_scale r and low-rank U·V stay as they are and are added around the kernel; outliers S are held per row
+    (CSR: row n's values at sparse_ptr[n] … sparse_ptr[n+1]) and added by the kernel's sparse pass:
 
     y = qmatmul(x·diag(r), codes) + (x·Vᵀ)·Uᵀ + x·Sᵀ
 
@@ -43,9 +44,9 @@ class PackedWeight:
     col_scale: torch.Tensor | None = None
     u: torch.Tensor | None = None
     v: torch.Tensor | None = None
-    sparse_rows: torch.Tensor | None = None
-    sparse_cols: torch.Tensor | None = None
-    sparse_value: torch.Tensor | None = None
+    sparse_ptr: torch.Tensor | None = None    # int64 (N + 1,): row n's outliers are [ptr[n], ptr[n+1])
+    sparse_cols: torch.Tensor | None = None   # int32 (nnz,)
+    sparse_value: torch.Tensor | None = None  # float32 (nnz,)
     int8_activations: bool = False  # few-token products round x to int8 per 32-chunk (kernels.qmatmul_i8)
 
     def to(self, device) -> "PackedWeight":
@@ -62,7 +63,7 @@ class PackedWeight:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.codes, self.grid, self.scale, self.zero, self.col_scale, self.u, self.v,
-                            self.sparse_rows, self.sparse_cols, self.sparse_value) if t is not None]
+                            self.sparse_ptr, self.sparse_cols, self.sparse_value) if t is not None]
 
 
 def why_not_packable(ct: CompressedTensor) -> str | None:
@@ -111,9 +112,19 @@ def pack(ct: CompressedTensor) -> PackedWeight:
     if ct.u is not None:
         pw.u, pw.v = ct.u.float().contiguous(), ct.v.float().contiguous()
     if ct.sparse_index is not None:
-        idx = ct.sparse_index.long()
-        pw.sparse_rows, pw.sparse_cols, pw.sparse_value = idx // K, idx % K, ct.sparse_value.float()
+        pw.sparse_ptr, pw.sparse_cols, pw.sparse_value = to_csr(ct.sparse_index.long(), ct.sparse_value.float(), N, K)
     return pw
+
+
+def to_csr(index: torch.Tensor, value: torch.Tensor, N: int, K: int):
+    """Flat positions n·K + k and their values → (ptr (N + 1,) int64, cols int32, values float32) sorted by row."""
+    if index.numel() and (index.min() < 0 or index.max() >= N * K):
+        raise ValueError("outlier positions outside the matrix")
+    order = torch.argsort(index, stable=True)
+    index, value = index[order], value[order]
+    ptr = torch.zeros(N + 1, dtype=torch.long)
+    ptr[1:] = torch.bincount(index // K, minlength=N).cumsum(0)
+    return ptr, (index % K).to(torch.int32).contiguous(), value.float().contiguous()
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -148,17 +159,23 @@ def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
         w = w * pw.col_scale
     if pw.u is not None:
         w = w + pw.u[rows] @ pw.v
-    if pw.sparse_rows is not None:
-        w = w + _sparse_rows(pw, rows)
+    if pw.sparse_ptr is not None:
+        if w.device.type == "cpu" and kernels.available():  # straight into w: no dense S block, no index tensors
+            w = w.contiguous()
+            kernels.sparse_into(w, pw.sparse_ptr, pw.sparse_cols, pw.sparse_value, rows=rows.long().contiguous())
+        else:
+            w = w + _sparse_rows(pw, rows)
     return w
 
 
 def _sparse_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    """S[rows] (len(rows), K) as a dense float32 block (PyTorch ops: the reference, and the GPU's path)."""
     out = torch.zeros(len(rows), pw.shape[1], device=rows.device)
-    where = torch.full((pw.shape[0],), -1, dtype=torch.long, device=rows.device)
-    where[rows] = torch.arange(len(rows), device=rows.device)
-    hit = where[pw.sparse_rows] >= 0
-    out.index_put_((where[pw.sparse_rows[hit]], pw.sparse_cols[hit]), pw.sparse_value[hit], accumulate=True)
+    start, count = pw.sparse_ptr[rows], pw.sparse_ptr[rows + 1] - pw.sparse_ptr[rows]
+    first = torch.cumsum(count, 0) - count  # where each asked row's values begin in the gathered list
+    which = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), count)  # asked row of each value
+    at = start[which] + torch.arange(len(which), device=rows.device) - first[which]  # its index in cols/values
+    out.index_put_((which, pw.sparse_cols[at].long()), pw.sparse_value[at], accumulate=True)
     return out
 
 
@@ -168,20 +185,26 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, vector: bool = True) -> tor
     if pw.codes.device.type != "cpu":
         w = dequantize_rows(pw, torch.arange(pw.shape[0], device=pw.codes.device))
         return F.linear(x, w.to(x.dtype)).float()
+    sparse = pw.sparse_ptr is not None
     if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and x.shape[0] < TILED_FROM \
-            and pw.col_scale is None and pw.u is None and pw.sparse_rows is None:  # the decode step: nothing else
-        return _few_tokens(x, pw, vector)
+            and pw.col_scale is None and pw.u is None:  # the decode step: codes and outliers only
+        y = _few_tokens(x, pw, vector)
+        if sparse:
+            kernels.sparse_add(y, x, pw.sparse_ptr, pw.sparse_cols, pw.sparse_value)
+        return y
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.shape[1]).float().contiguous()  # (M, K)
     xq = x2 * pw.col_scale if pw.col_scale is not None else x2
+    # S multiplies x, not x·diag(r): it goes into the dequantised tiles only when there is no column scale
+    in_tiles = sparse and pw.col_scale is None and x2.shape[0] >= TILED_FROM
     if x2.shape[0] >= TILED_FROM:
-        y = _tiled(xq.contiguous(), pw, vector)
+        y = _tiled(xq.contiguous(), pw, vector, in_tiles)
     else:
         y = _few_tokens(xq.contiguous(), pw, vector)
     if pw.u is not None:
         y = y + (x2 @ pw.v.T) @ pw.u.T  # (M, r) · (r, N)
-    if pw.sparse_rows is not None:
-        y.index_add_(1, pw.sparse_rows, x2[:, pw.sparse_cols] * pw.sparse_value)
+    if sparse and not in_tiles:
+        kernels.sparse_add(y, x2, pw.sparse_ptr, pw.sparse_cols, pw.sparse_value)
     return y.reshape(*lead, pw.shape[0])
 
 
@@ -205,9 +228,9 @@ TILE_FLOATS = 1 << 20  # a tile of Ŵ holds at most this many float32 values (4 
 #                        smollm2 and minilm fit in one tile (one GEMM); a 49152-row output head takes 48
 
 
-def _tiled(x: torch.Tensor, pw: PackedWeight, vector: bool) -> torch.Tensor:
+def _tiled(x: torch.Tensor, pw: PackedWeight, vector: bool, outliers: bool = False) -> torch.Tensor:
     """x·Ŵᵀ for many tokens: Ŵ dequantised a tile of rows at a time (transient, at most TILE_FLOATS values),
-    each tile one float GEMM."""
+    each tile one float GEMM. `outliers`: S is added into each tile (a few values a row) before its GEMM."""
     N, K = pw.shape
     rows = max(1, TILE_FLOATS // K)
     # the kernel writes the reused buffer behind autograd's back: a graph that saves w gets a fresh tile
@@ -215,12 +238,16 @@ def _tiled(x: torch.Tensor, pw: PackedWeight, vector: bool) -> torch.Tensor:
     if rows >= N:  # one tile: one GEMM, no copy into a slice
         w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, 0, N, vector,
                                out=tile(N, K))
+        if outliers:
+            kernels.sparse_into(w, pw.sparse_ptr, pw.sparse_cols, pw.sparse_value, 0)
         return x @ w.T
     y = torch.empty(x.shape[0], N)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, n0, n1, vector,
                                out=tile(n1 - n0, K))
+        if outliers:
+            kernels.sparse_into(w, pw.sparse_ptr, pw.sparse_cols, pw.sparse_value, n0)
         y[:, n0:n1] = x @ w.T  # (M, K) · (K, tile)
     return y
 
@@ -409,11 +436,17 @@ def concat_packed(pws: list[PackedWeight]) -> PackedWeight | None:
                        torch.cat([p.scale for p in pws]).contiguous(), _cat_zero(pws),
                        first.block, col_scale=first.col_scale,
                        int8_activations=all(p.int8_activations for p in pws))
-    if any(p.sparse_rows is not None for p in pws):
-        offsets = torch.tensor([0] + [p.shape[0] for p in pws]).cumsum(0)
-        parts = [(p.sparse_rows + offsets[i], p.sparse_cols, p.sparse_value) for i, p in enumerate(pws)
-                 if p.sparse_rows is not None]
-        out.sparse_rows, out.sparse_cols, out.sparse_value = (torch.cat([x[j] for x in parts]) for j in range(3))
+    if any(p.sparse_ptr is not None for p in pws):
+        ptrs, cols, values, done = [torch.zeros(1, dtype=torch.long)], [], [], 0
+        for p in pws:
+            if p.sparse_ptr is None:
+                ptrs.append(torch.full((p.shape[0],), done, dtype=torch.long))
+                continue
+            ptrs.append(p.sparse_ptr[1:] + done)
+            cols.append(p.sparse_cols)
+            values.append(p.sparse_value)
+            done += p.sparse_cols.numel()
+        out.sparse_ptr, out.sparse_cols, out.sparse_value = torch.cat(ptrs), torch.cat(cols), torch.cat(values)
     return out
 
 
