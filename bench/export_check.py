@@ -31,7 +31,7 @@ from squash.io.gguf_export import export_gguf
 from squash.io.squash_file import read_header
 from squash.models import _package_dir, cache_dir
 
-RESULTS = Path(__file__).parent / "results"
+from results_dir import RESULTS  # noqa: E402
 MODEL = "smollm2-135m"
 
 
@@ -116,11 +116,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", nargs="+", default=["gguf-q8_0", "gguf-q4_0", "int4", "int4:q8_0"],
                     help="presets to compress with; RECIPE:TYPE exports with --type TYPE")
+    ap.add_argument("--windows", type=int, default=16, help="windows of 512 evaluation tokens (squash eval: 16)")
     args = ap.parse_args()
     started = time.perf_counter()
     torch.set_num_threads(2)
     model = squash.load(MODEL)
-    windows = lm_windows(model.tokenizer, EvalSize())  # (16, 512): what squash eval measures
+    windows = lm_windows(model.tokenizer, EvalSize(lm_windows=args.windows))  # (16, 512) by default: what squash eval measures
     rows = []
 
     nll, n = squash_nll(model.module, windows)
@@ -170,7 +171,7 @@ def write(rows: list[dict], args, seconds: float) -> None:
     RESULTS.mkdir(exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "threads": 2, "torch": torch.__version__,
             "llama_cpp_python": llama_cpp.__version__, "command": "python bench/export_check.py " + " ".join(sys.argv[1:]),
-            "model": MODEL, "windows": "16 × 512 tokens of squash's evaluation text", "seconds": round(seconds, 1)}
+            "model": MODEL, "windows": f"{args.windows} × 512 tokens of squash's evaluation text", "seconds": round(seconds, 1)}
     for r in rows:
         r.setdefault("date", meta["date"])
     # rows of recipes not rerun this time (a quick run scores gguf-q8_0 only) are kept, with the date they were
@@ -186,7 +187,7 @@ def write(rows: list[dict], args, seconds: float) -> None:
     lines = [
         f"Measured {meta['date']} on {meta['cpu']}, 2 threads, torch {meta['torch']}, llama-cpp-python "
         f"{meta['llama_cpp_python']}, by `{meta['command']}` ({meta['seconds']:.0f} s). Perplexity of {MODEL} over "
-        f"the same {rows[0]['tokens']:,} next-token predictions (16 windows of 512 tokens, squash's tokenizer), "
+        f"the same {rows[0]['tokens']:,} next-token predictions ({args.windows} windows of 512 tokens, squash's tokenizer), "
         "squash's forward pass on the .squash file against llama.cpp on the exported GGUF.",
         "",
         "| recipe | GGUF tensors | exact / refit | max abs Δ vs squash's Ŵ (worst rel. RMS) | GGUF size | squash ppl | llama.cpp ppl | difference | measured |",

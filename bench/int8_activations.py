@@ -16,6 +16,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from results_dir import RESULTS  # noqa: E402
 
 
 def decode_nll(path, ids: list[int], int8_activations: bool) -> float:
@@ -41,13 +42,13 @@ def main(argv=None) -> int:
 
     ids = _prompt_ids(args.tokens)
     lines = ["| model | perplexity, x in float32 | perplexity, x int8 per 32-chunk | change |", "|---|---|---|---|"]
-    for recipe in ("int8", "rtn4"):
+    for recipe in ("int8", "int4", "rtn4"):
         t = time.perf_counter()
         path = squash_file("smollm2-135m", recipe)
         exact, rounded = (math.exp(decode_nll(path, ids, flag)) for flag in (False, True))
         lines.append(f"| smollm2-135m {recipe} | {exact:.3f} | {rounded:.3f} | {100 * (rounded / exact - 1):+.2f}% |")
         print(lines[-1], f"({time.perf_counter() - t:.0f} s)", flush=True)
-    out = HERE / "results" / "int8_activations.md"
+    out = RESULTS / "int8_activations.md"
     text = (f"Decoding {len(ids)} evaluation tokens one at a time through the packed decoder "
             f"(`bench/int8_activations.py`, {time.strftime('%Y-%m-%d')}):\n\n" + "\n".join(lines) + "\n")
     tmp = out.with_suffix(".tmp")

@@ -22,7 +22,7 @@ import torch
 import squash
 from squash.eval.quality import EvalSize
 
-RESULTS = Path(__file__).parent / "results"
+from results_dir import RESULTS  # noqa: E402
 
 
 def cpu_name() -> str:

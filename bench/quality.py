@@ -51,7 +51,7 @@ import squash  # noqa: E402
 from squash.eval.quality import EvalSize, classifier_quality, encoder_quality, lm_quality, lm_windows  # noqa: E402
 from squash.models import tokenizer_for  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from results_dir import RESULTS  # noqa: E402
 MODELS = ("smollm2-135m", "minilm-l6", "digits-cnn")
 FULL_BITS = (8, 6, 4, 3, 2)
 QUICK_BITS = (8, 4)

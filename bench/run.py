@@ -1,8 +1,9 @@
 """The bench, one command: set up the peers, then measure squash and every peer that runs on the same models,
 text and machine in one run, and regenerate every table, plot and the README's results and fact-check.
 
-    .venv/bin/python bench/run.py --quick     # about 15 minutes on 2 cores (what --quick leaves out: quality.py)
-    .venv/bin/python bench/run.py             # the full run (under 2 hours)
+    .venv/bin/python bench/run.py             # the full run (under 2 hours): bench/results/ and the README
+    .venv/bin/python bench/run.py --quick     # under 15 minutes on 2 cores: fewer widths, rows and repeats,
+                                              # written to bench/results/quick/; the README is left as it is
     make bench / make bench-quick             # the same, with the set-up of .venv and the peers first
 
 Parts (each writes bench/results/…):
@@ -13,7 +14,7 @@ Parts (each writes bench/results/…):
                                     smollm2's rows, 20 minutes of fine-tuning, are reused from their last run
                                     and dated as such)
   factcheck the five int8 claims, each with the measured figure and a verdict (factcheck.md / .json)
-Then bench/update_readme.py copies the tables into the README.
+Then bench/update_readme.py copies the full run's tables into the README.
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
+import results_dir  # noqa: E402
+
+RESULTS = results_dir.FULL  # main() points it (and every part, through the environment) at QUICK for --quick
 
 MODELS = ("digits-cnn", "minilm-l6", "smollm2-135m")
 
@@ -245,6 +248,10 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     args = ap.parse_args(argv)
     started = time.perf_counter()
+    global RESULTS
+    RESULTS = results_dir.QUICK if args.quick else results_dir.FULL
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    os.environ["SQUASH_BENCH_RESULTS"] = str(RESULTS)  # the parts below write there
     parts = set(args.only or ["quality", "speed", "export", "pruning", "factcheck"])
     quick = ["--quick"] if args.quick else []
     if not args.skip_setup:
@@ -261,14 +268,18 @@ def main(argv=None) -> int:
             if m == "smollm2-135m" and not args.quick:  # what decoding with int8 activations costs (~1 min)
                 ok &= run_part([str(HERE / "int8_activations.py")], "int8 activations: perplexity")
     if "export" in parts and "smollm2-135m" in args.models:
-        recipes = ["--recipes", "gguf-q8_0"] if args.quick else []  # full: also gguf-q4_0 and int4 (GPTQ, minutes)
+        # quick: gguf-q8_0 over 8 windows; full: also gguf-q4_0 and int4 (GPTQ, minutes), 16 windows
+        recipes = ["--recipes", "gguf-q8_0", "--windows", "8"] if args.quick else []
         ok &= run_part([str(HERE / "export_check.py"), *recipes], "export: GGUF in llama.cpp vs squash")
     _atomic(RESULTS / "bench-meta.md", meta_line(args.quick))
     claims, table = factcheck()
     meta = {"date": time.strftime("%Y-%m-%d"), "command": f"bench/run.py{' --quick' if args.quick else ''}"}
     _atomic(RESULTS / "factcheck.json", json.dumps({"meta": meta, "claims": claims}, indent=1))
     _atomic(RESULTS / "factcheck.md", table)
-    run_part([str(HERE / "update_readme.py")], "README tables")
+    if args.quick:
+        log(f"quick run: tables and plots in {RESULTS.relative_to(ROOT)}/ (the README shows the full run's)")
+    else:
+        run_part([str(HERE / "update_readme.py")], "README tables")
     log(f"bench finished in {(time.perf_counter() - started) / 60:.1f} min{'' if ok else ' (some parts failed: see above)'}")
     return 0 if ok else 1
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from results_dir import RESULTS  # noqa: E402
 THREADS = 2
 
 
