@@ -387,3 +387,19 @@ def test_kernel_on_smollm2_weights_with_ragged_groups(config):
         for M in (1, 7, 40):  # kernel, kernel with 7 tokens, tiled GEMM
             x = torch.randn(M, w.shape[1], generator=torch.Generator().manual_seed(M))
             _close(fast(x), ref_mod(x), KERNEL_RTOL)
+
+
+def test_a_build_killed_midway_does_not_block_the_next_process():
+    # PyTorch's extension loader waits forever on a lock file a killed build left in the folder
+    import subprocess
+    import sys
+
+    kernels.extension()
+    lock = kernels.build_dir() / "lock"
+    lock.touch()
+    try:
+        done = subprocess.run([sys.executable, "-c", "from squash.runtime import kernels; print(kernels.available())"],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        lock.unlink(missing_ok=True)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-500:]

@@ -11,6 +11,7 @@ The build lands in the squash cache (one folder per source and torch version) an
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
@@ -28,6 +29,17 @@ _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 _ext = None
 
 
+def build_dir() -> Path:
+    """The kernel's build folder in the squash cache: one per source text, source path, torch version and flags
+    (the path too: PyTorch rebuilds when build.ninja names another source file, so two checkouts sharing one
+    folder would rebuild each other's kernel in turn)."""
+    from squash.models import cache_dir
+
+    digest = hashlib.sha256(_SOURCE.read_bytes() + str(_SOURCE.resolve()).encode() + torch.__version__.encode()
+                            + " ".join(_CFLAGS).encode()).hexdigest()[:12]
+    return cache_dir() / "kernels" / digest
+
+
 def extension():
     """The compiled module (compiled once per source text and torch version, then loaded from the cache)."""
     global _ext
@@ -37,16 +49,17 @@ def extension():
         if _ext is None:
             from torch.utils import cpp_extension
 
-            from squash.models import cache_dir
-
-            digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()
-                                    + " ".join(_CFLAGS).encode()).hexdigest()[:12]
-            build = cache_dir() / "kernels" / digest
+            build = build_dir()
             build.mkdir(parents=True, exist_ok=True)
             try:
-                _ext = cpp_extension.load(name=f"squash_kernels_{digest}", sources=[str(_SOURCE)],
-                                          build_directory=str(build), extra_cflags=_CFLAGS,
-                                          extra_ldflags=["-fopenmp"], verbose=False)
+                with open(build / "squash.lock", "w") as held:
+                    # one build at a time through a lock the OS drops when its process dies; PyTorch's own
+                    # lock file would make every later process wait forever after a build was killed
+                    fcntl.flock(held, fcntl.LOCK_EX)
+                    (build / "lock").unlink(missing_ok=True)  # only a killed build leaves it while we hold ours
+                    _ext = cpp_extension.load(name=f"squash_kernels_{build.name}", sources=[str(_SOURCE)],
+                                              build_directory=str(build), extra_cflags=_CFLAGS,
+                                              extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:  # no compiler, no ninja: the reference path still works
                 raise SquashError(f"could not build squash's CPU kernel ({type(e).__name__}: "
                                   f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
