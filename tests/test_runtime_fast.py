@@ -277,8 +277,8 @@ def test_w8a8_layers_run_on_int8_matmul_and_match_the_reference():
             sw, b = torch.rand(K), torch.randn(K)
             # written over acc: the reference is taken first
             ref, ref_nobias = acc.float() * sx * sw + b, acc.float() * sx * sw
-            assert torch.equal(ext.scale_int32(acc.clone(), sx, sw, b, vector), ref)
-            assert torch.equal(ext.scale_int32(acc.clone(), sx, sw, torch.empty(0), vector), ref_nobias)
+            assert torch.equal(ext.scale_int32(acc.clone(), sx, sw, b, vector, False), ref)
+            assert torch.equal(ext.scale_int32(acc.clone(), sx, sw, torch.empty(0), vector, False), ref_nobias)
     net = torch.nn.Sequential(torch.nn.Linear(96, 70), torch.nn.ReLU(), torch.nn.Linear(70, 5))
     small = squash.compress(net, squash.load_recipe("w8a8"))
     x = torch.randn(4, 96)
@@ -287,6 +287,42 @@ def test_w8a8_layers_run_on_int8_matmul_and_match_the_reference():
         report = accelerate(small.module)
         _close(small.module(x), before, KERNEL_RTOL)
     assert set(report.values()) == {"int8×int8 matmul"}
+
+
+GELU_TOL = 1e-6  # fused GELU: erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), relative to max(1, |y|)
+
+
+def test_gelu_fused_into_the_w8a8_output_pass():
+    from torch.nn import functional as F
+
+    from squash.runtime.packed import PackedW8A8Linear, fuse_gelu
+
+    ext = kernels.extension()
+    sx = torch.rand(6, 1) * 1e-4
+    acc = torch.randint(-2**20, 2**20, (6, 333), dtype=torch.int32)
+    acc[0, :5] = torch.tensor([0, 1, -1, 2**30, -2**30])  # zero, tiny, and far in both tails
+    sw, b = torch.rand(333), torch.randn(333)
+    ref = F.gelu(acc.double() * sx.double() * sw.double() + b.double())
+    for vector in (True, False):
+        y = ext.scale_int32(acc.clone(), sx, sw, b, vector, True)
+        assert ((y.double() - ref).abs() <= GELU_TOL * ref.abs().clamp(min=1)).all()
+    # in a BERT-shaped block: the intermediate layer's GELU moves into its W8A8 layer
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    bert = BertModel(cfg).eval()
+    small = squash.compress(bert, squash.load_recipe("w8a8"))
+    ids = torch.randint(0, 50, (3, 9))
+    with torch.inference_mode():
+        before = small.module(input_ids=ids).last_hidden_state
+        report = accelerate(small.module)
+        after = small.module(input_ids=ids).last_hidden_state
+    fused = [n for n, how in report.items() if how.endswith("GELU fused")]
+    assert fused == [f"encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    assert isinstance(small.module.encoder.layer[0].intermediate.intermediate_act_fn, torch.nn.Identity)
+    _close(after, before, MODEL_RTOL)
+    assert fuse_gelu(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())) == []  # float layers: untouched
 
 
 def test_the_gpu_path_formula_matches_the_kernel():

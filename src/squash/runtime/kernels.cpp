@@ -561,10 +561,10 @@ torch::Tensor qmatmul_i8(torch::Tensor x, torch::Tensor codes, int64_t bits, tor
 
 // ---------------------------------------------------------------- W8A8: the two passes around torch._int_mm
 // y = (q(x)·Cᵀ)·s_x·s_w + b, with q(x) = clamp(round(x / s_x), −127, 127), s_x = max(max|x|, 1e−12) / 127 per row:
-// PyTorch's int8 matmul (oneDNN, VNNI/AMX) is 4× float32's GEMM here, but rounding the activations and scaling
-// the int32 result with ~10 elementwise PyTorch calls cost more than the matmul saved. These do it in one pass
-// each, with the same float32 operations in the same order (round half to even, as torch.round), so the result
-// is the reference's to the bit.
+// PyTorch's int8 matmul (oneDNN, VNNI) beats float32's GEMM here, but rounding the activations and scaling the
+// int32 result with ~10 elementwise PyTorch calls cost more than the matmul saved. These do it in one pass each,
+// with the same float32 operations in the same order (round half to even, as torch.round), so the result is the
+// reference's to the bit; a GELU fused into the output pass agrees with PyTorch's to ~1e-7 (erf's approximation).
 
 namespace {
 
@@ -592,21 +592,54 @@ void quantize_row_scalar(const float* x, int64_t K, int8_t* q, float* sx) {
   for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(std::min(std::max(std::nearbyint(x[k] / s), -127.f), 127.f));
 }
 
-SQUASH_AVX512 void scale_row_avx512(const int32_t* acc, float sx, const float* sw, const float* b, int64_t N, float* y) {
+// GELU fused into the output pass (BERT's intermediate layer): gelu(v) = v/2 · (1 + erf(v/√2)), exact GELU.
+// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7): erf(a) = 1 − t·P(t)·e^(−a²), t = 1/(1 + p·a), a ≥ 0,
+// and e^x for x ≤ 0 as 2^n·e^r, x = n·ln2 + r, |r| ≤ ln2/2, e^r by its Taylor series to r⁶ (error ~1e-7).
+SQUASH_AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split in two: r stays exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+  __m512 e = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(e, n);
+}
+
+SQUASH_AVX512 inline __m512 gelu_avx512(__m512 v) {
+  const __m512 a = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));  // |v|/√2
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 poly = _mm512_set1_ps(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
+  poly = _mm512_mul_ps(poly, t);
+  const __m512 erf_abs = _mm512_fnmadd_ps(poly, exp_nonpositive(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)),
+                                          _mm512_set1_ps(1.f));
+  // 1 + erf(v/√2) = 1 ± erf(|v|/√2)
+  const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 one_plus = _mm512_mask_sub_ps(_mm512_add_ps(_mm512_set1_ps(1.f), erf_abs), neg, _mm512_set1_ps(1.f), erf_abs);
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), one_plus);
+}
+
+inline float gelu_scalar(float v) { return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f)); }
+
+SQUASH_AVX512 void scale_row_avx512(const int32_t* acc, float sx, const float* sw, const float* b, int64_t N, float* y,
+                                    bool gelu) {
   const __m512 s = _mm512_set1_ps(sx);
   for (int64_t n = 0; n < N; n += 16) {
     const __mmask16 mask = tail_mask(N - n);
     __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, acc + n)), s),
                              _mm512_maskz_loadu_ps(mask, sw + n));
     if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, b + n));
+    if (gelu) v = gelu_avx512(v);
     _mm512_mask_storeu_ps(y + n, mask, v);
   }
 }
 
-void scale_row_scalar(const int32_t* acc, float sx, const float* sw, const float* b, int64_t N, float* y) {
+void scale_row_scalar(const int32_t* acc, float sx, const float* sw, const float* b, int64_t N, float* y, bool gelu) {
   for (int64_t n = 0; n < N; ++n) {
     const float v = static_cast<float>(acc[n]) * sx * sw[n];
-    y[n] = b ? v + b[n] : v;
+    const float out = b ? v + b[n] : v;
+    y[n] = gelu ? gelu_scalar(out) : out;
   }
 }
 
@@ -631,7 +664,8 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool vector) {
 
 // y (M, N) = float(acc) · s_x · s_w (+ b), written over acc (the same 4 bytes an element): one activation-sized
 // buffer fewer to allocate, which at minilm's 4096 × 1536 is a page-faulting 25 MB each call.
-torch::Tensor scale_int32(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor b, bool vector) {
+torch::Tensor scale_int32(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw, torch::Tensor b, bool vector,
+                          bool gelu) {
   TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kInt32 && acc.is_contiguous(), "acc: contiguous int32 (M, N)");
   const int64_t M = acc.size(0), N = acc.size(1);
   TORCH_CHECK(sx.scalar_type() == torch::kFloat32 && sx.is_contiguous() && sx.numel() == M, "s_x: float32 (M,)");
@@ -647,7 +681,7 @@ torch::Tensor scale_int32(torch::Tensor acc, torch::Tensor sx, torch::Tensor sw,
   const bool avx = vector && has_avx512();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      (avx ? scale_row_avx512 : scale_row_scalar)(ap + m * N, sxp[m], swp, bp, N, yp + m * N);
+      (avx ? scale_row_avx512 : scale_row_scalar)(ap + m * N, sxp[m], swp, bp, N, yp + m * N, gelu);
   });
   return y;
 }
@@ -771,7 +805,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_chunks", &quantize_chunks, "x rounded to int8 per 32-chunk: q, d repeated ×8, E per block");
   m.def("qmatmul_i8", &qmatmul_i8, "y = x·Ŵᵀ with int8 activations per 32-chunk (VNNI); uniform codes");
   m.def("quantize_rows", &quantize_rows, "int8 rows and their scales (W8A8 activations)");
-  m.def("scale_int32", &scale_int32, "float(acc)·s_x·s_w + b (W8A8 output)");
+  m.def("scale_int32", &scale_int32, "float(acc)·s_x·s_w + b (W8A8 output), then GELU if asked");
   m.def("sparse_add", &sparse_add, "y += x·Sᵀ for CSR outliers S, in place");
   m.def("sparse_into", &sparse_into, "out += S[rows] for CSR outliers S, in place");
 }

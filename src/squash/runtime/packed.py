@@ -331,7 +331,8 @@ def w8a8_packable(ct: CompressedTensor) -> bool:
 
 class PackedW8A8Linear(nn.Module):
     """y = (q(x)·Cᵀ)·s_x·s_w + b with int8 activations q(x) = round(x / s_x), s_x = max|x| / 127 per token
-    (the reference QLinear's activation rounding) and int8 weights C = c − 128: one int32 matmul."""
+    (the reference QLinear's activation rounding) and int8 weights C = c − 128: one int32 matmul.
+    `gelu`: y = GELU(…) in the same output pass (set by fuse_gelu for the layer an exact GELU follows)."""
 
     def __init__(self, ct: CompressedTensor, bias: torch.Tensor | None):
         super().__init__()
@@ -339,6 +340,7 @@ class PackedW8A8Linear(nn.Module):
         self.scale = ct.scale.float().reshape(-1)  # (N,)
         self.bias = None if bias is None else bias.detach().float().clone()
         self.out_features, self.in_features = self.weight.shape
+        self.gelu = False
 
     def forward(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
         """`fused`: the activation rounding and the output scaling each run as one C++ pass (kernels.cpp,
@@ -349,14 +351,41 @@ class PackedW8A8Linear(nn.Module):
             ext = kernels.extension()
             xq, sx = ext.quantize_rows(x2, True)
             y = ext.scale_int32(torch._int_mm(xq, self.weight.T), sx, self.scale,
-                                _NO_BIAS if self.bias is None else self.bias, True)
+                                _NO_BIAS if self.bias is None else self.bias, True, self.gelu)
             return y.reshape(*lead, self.out_features)
         sx = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
         xq = torch.clamp(torch.round(x2 / sx), -127, 127).to(torch.int8)
         y = torch._int_mm(xq, self.weight.T).float() * sx * self.scale  # (M, N)
         if self.bias is not None:
             y = y + self.bias
+        if self.gelu:
+            y = F.gelu(y)
         return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8×int8" + (
+            ", GELU fused" if self.gelu else "")
+
+
+def fuse_gelu(module: nn.Module) -> list[str]:
+    """Where an exact GELU follows a W8A8 layer in the same parent (BERT's intermediate block: `dense`, then
+    `intermediate_act_fn`), compute it in the layer's output pass and make the activation an identity: one pass
+    over the (tokens × 4·hidden) activations instead of two. Returns the fused layers' names."""
+    fused = []
+    for name, mod in module.named_modules():
+        dense, act = getattr(mod, "dense", None), getattr(mod, "intermediate_act_fn", None)
+        if isinstance(dense, PackedW8A8Linear) and _exact_gelu(act):
+            dense.gelu = True
+            mod.intermediate_act_fn = nn.Identity()
+            fused.append(f"{name}.dense" if name else "dense")
+    return fused
+
+
+def _exact_gelu(act) -> bool:
+    """transformers' GELUActivation (erf form) or nn.GELU without the tanh approximation."""
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
 
 _NO_BIAS = torch.empty(0)
 
@@ -402,6 +431,8 @@ def accelerate(module: nn.Module, int8_activations: bool = True) -> dict[str, st
             new = PackedLinear(pw, child.bias) if isinstance(child, QLinear) else PackedEmbedding(pw, child.padding_idx)
             setattr(mod, child_name, new)
             report[full] = f"packed {pw.bits}-bit"
+    for name in fuse_gelu(module):
+        report[name] += ", GELU fused"
     _release_memory()
     return report
 
