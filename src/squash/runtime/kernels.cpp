@@ -793,6 +793,44 @@ void sparse_into(torch::Tensor out, torch::Tensor ptr, torch::Tensor cols, torch
   }
 }
 
+// ---------------------------------------------------------------- GPTQ's inner loop (compression, not inference)
+// Columns [c0, c1) of one lazy batch W1 (rows, B) in visiting order, uniform integer grid, scales fixed:
+//   c = clamp(round(w/s + z), lo, hi),  q = s·(c − z),  e = (w − q) / U[i, i],  W1[r, i:] −= e · U[i, i:]
+// Each row's rounding error feeds only its own later columns, so rows run in parallel, each a contiguous walk.
+// In Python this loop is ~15 tensor calls a column (150 k columns on smollm2: half of its int4 compression).
+void gptq_columns(torch::Tensor W1, torch::Tensor U1, torch::Tensor s, torch::Tensor z, int64_t c0, int64_t c1,
+                  double lo, double hi, torch::Tensor codes, torch::Tensor err) {
+  TORCH_CHECK(W1.dim() == 2 && W1.scalar_type() == torch::kFloat32 && W1.is_contiguous(), "W1: contiguous float32 (rows, B)");
+  const int64_t R = W1.size(0), B = W1.size(1);
+  TORCH_CHECK(U1.scalar_type() == torch::kFloat32 && U1.is_contiguous() && U1.dim() == 2 && U1.size(0) == B && U1.size(1) == B,
+              "U1: contiguous float32 (B, B)");
+  for (auto* t : {&s, &z, &err})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->sizes() == W1.sizes(), "s, z, err: like W1");
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.sizes() == W1.sizes(), "codes: uint8 like W1");
+  TORCH_CHECK(0 <= c0 && c0 <= c1 && c1 <= B, "columns out of range");
+  float* w = W1.data_ptr<float>();
+  const float* u = U1.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* ep = err.data_ptr<float>();
+  const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = w + r * B;
+      for (int64_t i = c0; i < c1; ++i) {
+        const float sv = sp[r * B + i], zv = zp[r * B + i];
+        const float c = std::min(std::max(std::nearbyint(row[i] / sv + zv), flo), fhi);
+        const float e = (row[i] - sv * (c - zv)) / u[i * B + i];
+        cp[r * B + i] = static_cast<uint8_t>(c);
+        ep[r * B + i] = e;
+        const float* ui = u + i * B;
+        for (int64_t j = i; j < B; ++j) row[j] -= e * ui[j];
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rmsnorm", &add_rmsnorm);
   m.def("silu_mul", &silu_mul);
@@ -806,6 +844,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul_i8", &qmatmul_i8, "y = x·Ŵᵀ with int8 activations per 32-chunk (VNNI); uniform codes");
   m.def("quantize_rows", &quantize_rows, "int8 rows and their scales (W8A8 activations)");
   m.def("scale_int32", &scale_int32, "float(acc)·s_x·s_w + b (W8A8 output), then GELU if asked");
+  m.def("gptq_columns", &gptq_columns, "GPTQ's column loop for one lazy batch, uniform grid, in place");
   m.def("sparse_add", &sparse_add, "y += x·Sᵀ for CSR outliers S, in place");
   m.def("sparse_into", &sparse_into, "out += S[rows] for CSR outliers S, in place");
 }

@@ -248,6 +248,19 @@ def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
 
 
+def _column_kernel(grid, mask):
+    """squash's C++ version of GPTQ's column loop (runtime/kernels.cpp, gptq_columns) where it applies: the
+    integer grid, no pruning mask, a CPU build of the kernel. None: the Python loop below."""
+    if grid is not None or mask is not None or not USE_KERNEL:
+        return None
+    from squash.runtime import kernels
+
+    return kernels.extension().gptq_columns if kernels.available() else None
+
+
+USE_KERNEL = True  # tests turn it off to compare the two loops
+
+
 def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid, mask: torch.Tensor | None = None):
     """GPTQ with lazy batch updates. Natural order: group scales chosen on the updated weights as the walk reaches
     each group. Act order: columns visited by decreasing H_jj, scales fixed up front (static groups).
@@ -290,11 +303,32 @@ def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid, mas
     W = W[:, perm]  # (rows, cols) in visiting order
     lazy_groups = not config.act_order and bc < cols
     step = bc * max(1, 128 // bc) if lazy_groups else 128  # lazy-batch width, whole groups
+    columns = _column_kernel(grid, mask)
+
+    def per_column(t: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+        """(rows, len(gs)) values of a per-group (R, groups) array for the columns of groups gs."""
+        return t[:, gs].float().expand(rows, -1)
+
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        if columns is not None:  # the same walk in C++, one segment of fixed scales at a time
+            js = perm[i1:i2]
+            S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)
+            C1 = torch.empty(W1.shape, dtype=torch.uint8)
+            bounds = list(range(0, i2 - i1, bc)) if lazy_groups else [0]
+            for a, b in zip(bounds, bounds[1:] + [i2 - i1]):
+                if lazy_groups:
+                    choose(int(js[a]) // bc, W1[:, a:b])
+                gs = js[a:b] // bc
+                S1[:, a:b] = per_column(scale, gs)
+                Z1[:, a:b] = midpoint(config.bits, config.symmetric, grid) if zero is None else per_column(zero, gs) / zdiv
+                columns(W1, U1.contiguous(), S1, Z1, a, b, 1.0 if config.symmetric else 0.0, 2.0**config.bits - 1, C1, Err1)
+            codes[:, js] = C1
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            continue
         for i in range(i2 - i1):
             j = int(perm[i1 + i])  # the original column
             g = j // bc
