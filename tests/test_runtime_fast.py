@@ -368,7 +368,8 @@ def test_outliers_are_added_by_the_kernel_in_every_path(M, col_scale):
         ct = replace(ct, col_scale=torch.rand(256, generator=torch.Generator().manual_seed(6)) + 0.5)
     ref = ct.dequantize().double()
     pw = pack(ct)
-    assert int(pw.sparse_ptr[-1]) == ct.sparse_index.numel() > 0 and pw.sparse_cols.dtype == torch.int32
+    assert pw.sparse_rows.numel() == ct.sparse_index.numel() > 0 and pw.sparse_cols.dtype == torch.int32
+    assert bool((pw.sparse_rows[1:] >= pw.sparse_rows[:-1]).all())
     x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M))
     _close(packed_matmul(x, pw), x.double() @ ref.T, KERNEL_RTOL)
     _close(packed_matmul(x, pw, vector=False), x.double() @ ref.T, KERNEL_RTOL)
@@ -399,12 +400,32 @@ def test_fused_projections_keep_each_parts_outliers():
         _close(packed_matmul(x, fused), x.double() @ ref.T, KERNEL_RTOL)
 
 
+@pytest.mark.parametrize("M", [1, 3])
+def test_sparse_pass_split_over_threads_keeps_rows_whole(M):
+    # enough values for the threaded split (nnz·M ≥ 2¹⁶): each thread must own whole rows
+    from squash.runtime.packed import to_sparse
+
+    g = torch.Generator().manual_seed(9)
+    N, K = 3000, 400
+    index = torch.randperm(N * K, generator=g)[:90000]
+    value = torch.randn(90000, generator=g)
+    rows, cols, vals = to_sparse(index, value, N, K)
+    dense = torch.zeros(N * K, dtype=torch.float64).index_add_(0, index, value.double()).reshape(N, K)
+    x = torch.randn(M, K, generator=g)
+    y = torch.ones(M, N)
+    kernels.sparse_add(y, x, rows, cols, vals)
+    _close(y, 1 + x.double() @ dense.T, KERNEL_RTOL)
+
+
 def test_sparse_passes_refuse_bad_arrays():
     pw = pack(quantize(torch.randn(10, 64), Quantize(bits=4, block=64), outliers(torch.randn(10, 64), Outliers(0.05))))
     with pytest.raises(RuntimeError, match="out of range"):
-        kernels.sparse_into(torch.zeros(1, 64), pw.sparse_ptr, pw.sparse_cols, pw.sparse_value, rows=torch.tensor([10]))
-    with pytest.raises(RuntimeError, match="ptr"):
-        kernels.sparse_add(torch.zeros(1, 10), torch.zeros(1, 64), pw.sparse_ptr[:-1], pw.sparse_cols, pw.sparse_value)
+        kernels.sparse_into(torch.zeros(1, 64), pw, rows=torch.tensor([10]))
+    with pytest.raises(RuntimeError, match="one per value"):
+        kernels.sparse_add(torch.zeros(1, 10), torch.zeros(1, 64), pw.sparse_rows[:-1], pw.sparse_cols, pw.sparse_value)
+    with pytest.raises(ValueError, match="outside the matrix"):
+        from squash.runtime.packed import to_sparse
+        to_sparse(torch.tensor([640]), torch.ones(1), 10, 64)
 
 
 @pytest.mark.slow

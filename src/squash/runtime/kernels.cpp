@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
@@ -733,62 +734,64 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cac
   return out;
 }
 
-// ---------------------------------------------------------------- sparse outliers (CSR)
-// The weights kept in float beside the codes, S, stored per row: row n's values are vals[ptr[n] … ptr[n+1]) at
-// columns cols[…]. About 0.3% of a matrix, a few per row: what costs is the per-call overhead, so plain loops.
+// ---------------------------------------------------------------- sparse outliers
+// The weights kept in float beside the codes, S, as (row, column, value) triples sorted by row (int32, int32,
+// float32). About 0.3% of a matrix, one or two a row. The decode pass walks the triples in order with no
+// per-row loop: rows hold a random number of values, and a loop over each row's values mispredicts its exit
+// branch about once a row, which at batch 1 cost twice as much as the multiply-adds.
 
-void check_csr(torch::Tensor ptr, torch::Tensor cols, torch::Tensor vals, int64_t N, int64_t K) {
-  TORCH_CHECK(ptr.scalar_type() == torch::kInt64 && ptr.is_contiguous() && ptr.numel() == N + 1, "ptr: int64 (N + 1,)");
-  TORCH_CHECK(cols.scalar_type() == torch::kInt32 && cols.is_contiguous() && vals.scalar_type() == torch::kFloat32 &&
-              vals.is_contiguous() && cols.numel() == vals.numel(), "cols int32, vals float32, one per value");
-  const int64_t* p = ptr.data_ptr<int64_t>();
-  TORCH_CHECK(p[0] == 0 && p[N] == cols.numel(), "ptr must run from 0 to the number of values");
-  (void)K;
+void check_sparse(torch::Tensor rows, torch::Tensor cols, torch::Tensor vals) {
+  TORCH_CHECK(rows.scalar_type() == torch::kInt32 && cols.scalar_type() == torch::kInt32 &&
+              vals.scalar_type() == torch::kFloat32 && rows.is_contiguous() && cols.is_contiguous() && vals.is_contiguous() &&
+              rows.numel() == cols.numel() && cols.numel() == vals.numel(), "rows, cols int32 and vals float32, one per value");
 }
 
-// y (M, N) += x (M, K) · Sᵀ, in place (few tokens: the decode step's outliers).
-void sparse_add(torch::Tensor y, torch::Tensor x, torch::Tensor ptr, torch::Tensor cols, torch::Tensor vals) {
+// y (M, N) += x (M, K) · Sᵀ, in place (few tokens: the decode step's outliers). Positions are trusted: pack
+// checks them once (to_sparse), this runs on every token.
+void sparse_add(torch::Tensor y, torch::Tensor x, torch::Tensor rows, torch::Tensor cols, torch::Tensor vals) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
   TORCH_CHECK(y.dim() == 2 && y.scalar_type() == torch::kFloat32 && y.is_contiguous() && y.size(0) == x.size(0),
               "y: contiguous float32 (M, N)");
-  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
-  check_csr(ptr, cols, vals, N, K);
-  const int64_t* p = ptr.data_ptr<int64_t>();
+  check_sparse(rows, cols, vals);
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), nnz = vals.numel();
+  const int32_t* r = rows.data_ptr<int32_t>();
   const int32_t* c = cols.data_ptr<int32_t>();
   const float* v = vals.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  auto rows = [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) {
-        float acc = 0.f;
-        for (int64_t i = p[n]; i < p[n + 1]; ++i) acc += xp[m * K + c[i]] * v[i];
-        yp[m * N + n] += acc;
-      }
+  auto part = [&](int64_t i0, int64_t i1) {
+    // whole rows per thread: both ends move forward to the start of a row
+    while (i0 > 0 && i0 < nnz && r[i0] == r[i0 - 1]) ++i0;
+    while (i1 < nnz && i1 > 0 && r[i1] == r[i1 - 1]) ++i1;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = xp + m * K;
+      float* ym = yp + m * N;
+      for (int64_t i = i0; i < i1; ++i) ym[r[i]] += xm[c[i]] * v[i];
+    }
   };
-  if (cols.numel() * M < (1 << 15)) rows(0, N); else at::parallel_for(0, N, 64, rows);
+  if (nnz * M < (1 << 16)) part(0, nnz); else at::parallel_for(0, nnz, 4096, part);
 }
 
-// out (R, K) += S[rows], row i of out being row `rows[i]` of S (or n0 + i when rows is empty): dequantised tiles
-// and embedding lookups get their outliers without building S.
-void sparse_into(torch::Tensor out, torch::Tensor ptr, torch::Tensor cols, torch::Tensor vals, torch::Tensor rows,
-                 int64_t n0) {
+// out (R, K) += S[rows], row i of out being row `rows[i]` of S (or n0 + i when `wanted` is empty): dequantised
+// tiles and embedding lookups get their outliers without building S. N: S's row count.
+void sparse_into(torch::Tensor out, torch::Tensor rows, torch::Tensor cols, torch::Tensor vals, torch::Tensor wanted,
+                 int64_t n0, int64_t N) {
   TORCH_CHECK(out.dim() == 2 && out.scalar_type() == torch::kFloat32 && out.is_contiguous(), "out: contiguous float32");
-  const int64_t R = out.size(0), K = out.size(1), N = ptr.numel() - 1;
-  check_csr(ptr, cols, vals, N, K);
-  const bool listed = rows.numel() > 0;
-  if (listed) TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous() && rows.numel() == R, "rows: int64 (R,)");
-  const int64_t* rp = listed ? rows.data_ptr<int64_t>() : nullptr;
-  const int64_t* p = ptr.data_ptr<int64_t>();
+  check_sparse(rows, cols, vals);
+  const int64_t R = out.size(0), K = out.size(1), nnz = vals.numel();
+  const bool listed = wanted.numel() > 0;
+  if (listed) TORCH_CHECK(wanted.scalar_type() == torch::kInt64 && wanted.is_contiguous() && wanted.numel() == R, "rows: int64 (R,)");
+  const int64_t* wp = listed ? wanted.data_ptr<int64_t>() : nullptr;
+  const int32_t* r = rows.data_ptr<int32_t>();
   const int32_t* c = cols.data_ptr<int32_t>();
   const float* v = vals.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t n = listed ? rp[r] : n0 + r;
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t n = listed ? wp[i] : n0 + i;
     TORCH_CHECK(0 <= n && n < N, "row ", n, " out of range");
-    for (int64_t i = p[n]; i < p[n + 1]; ++i) {
-      TORCH_CHECK(0 <= c[i] && c[i] < K, "column out of range");
-      o[r * K + c[i]] += v[i];
+    for (int64_t j = std::lower_bound(r, r + nnz, n) - r; j < nnz && r[j] == n; ++j) {
+      TORCH_CHECK(0 <= c[j] && c[j] < K, "column out of range");
+      o[i * K + c[j]] += v[j];
     }
   }
 }
@@ -845,6 +848,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "int8 rows and their scales (W8A8 activations)");
   m.def("scale_int32", &scale_int32, "float(acc)·s_x·s_w + b (W8A8 output), then GELU if asked");
   m.def("gptq_columns", &gptq_columns, "GPTQ's column loop for one lazy batch, uniform grid, in place");
-  m.def("sparse_add", &sparse_add, "y += x·Sᵀ for CSR outliers S, in place");
-  m.def("sparse_into", &sparse_into, "out += S[rows] for CSR outliers S, in place");
+  m.def("sparse_add", &sparse_add, "y += x·Sᵀ for outliers S (row-sorted triples), in place");
+  m.def("sparse_into", &sparse_into, "out += S[rows] for outliers S (row-sorted triples), in place");
 }

@@ -119,16 +119,16 @@ def qmatmul_i8(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.Ten
     return (_ext or extension()).qmatmul_i8(x, codes, bits, scale, zero, block)
 
 
-def sparse_add(y: torch.Tensor, x: torch.Tensor, ptr: torch.Tensor, cols: torch.Tensor,
+def sparse_add(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                values: torch.Tensor) -> None:
-    """y (M, N) += x (M, K) · Sᵀ in place, S in CSR form (row n: values[ptr[n]:ptr[n+1]] at cols[...])."""
-    (_ext or extension()).sparse_add(y, x, ptr, cols, values)
+    """y (M, N) += x (M, K) · Sᵀ in place, S as (row, column, value) triples sorted by row."""
+    (_ext or extension()).sparse_add(y, x, rows, cols, values)
 
 
 _NO_ROWS = torch.empty(0, dtype=torch.long)
 
 
-def sparse_into(out: torch.Tensor, ptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n0: int = 0,
-                rows: torch.Tensor | None = None) -> None:
-    """out (R, K) += S[rows] in place; without `rows`, out's row i is S's row n0 + i."""
-    (_ext or extension()).sparse_into(out, ptr, cols, values, _NO_ROWS if rows is None else rows, n0)
+def sparse_into(out: torch.Tensor, pw, n0: int = 0, rows: torch.Tensor | None = None) -> None:
+    """out (R, K) += S[rows] in place for a PackedWeight's outliers S; without `rows`, out's row i is S's n0 + i."""
+    (_ext or extension()).sparse_into(out, pw.sparse_rows, pw.sparse_cols, pw.sparse_value,
+                                      _NO_ROWS if rows is None else rows, n0, pw.shape[0])

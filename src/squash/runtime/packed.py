@@ -7,8 +7,8 @@ A CompressedTensor W ≈ s·(G[c] − z)·diag(r) + U·V + S becomes a PackedWei
     grid    (1 or N, 16) float32 levels for ≤ 4 bits (0…15 for the integer grid; NF4; a codebook)
     scale, zero   float32 (N, blocks): each block is one row high, `block` codes wide (the last may be short);
                   a symmetric tensor holds one zero point
-    col_scale r and low-rank U·V stay as they are and are added around the kernel; outliers S are held per row
-    (CSR: row n's values at sparse_ptr[n] … sparse_ptr[n+1]) and added by the kernel's sparse pass:
+    col_scale r and low-rank U·V stay as they are and are added around the kernel; outliers S are held as
+    (row, column, value) triples sorted by row and added by the kernel's sparse pass:
 
     y = qmatmul(x·diag(r), codes) + (x·Vᵀ)·Uᵀ + x·Sᵀ
 
@@ -44,7 +44,7 @@ class PackedWeight:
     col_scale: torch.Tensor | None = None
     u: torch.Tensor | None = None
     v: torch.Tensor | None = None
-    sparse_ptr: torch.Tensor | None = None    # int64 (N + 1,): row n's outliers are [ptr[n], ptr[n+1])
+    sparse_rows: torch.Tensor | None = None   # int32 (nnz,), ascending
     sparse_cols: torch.Tensor | None = None   # int32 (nnz,)
     sparse_value: torch.Tensor | None = None  # float32 (nnz,)
     int8_activations: bool = False  # few-token products round x to int8 per 32-chunk (kernels.qmatmul_i8)
@@ -63,7 +63,7 @@ class PackedWeight:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.codes, self.grid, self.scale, self.zero, self.col_scale, self.u, self.v,
-                            self.sparse_ptr, self.sparse_cols, self.sparse_value) if t is not None]
+                            self.sparse_rows, self.sparse_cols, self.sparse_value) if t is not None]
 
 
 def why_not_packable(ct: CompressedTensor) -> str | None:
@@ -112,19 +112,18 @@ def pack(ct: CompressedTensor) -> PackedWeight:
     if ct.u is not None:
         pw.u, pw.v = ct.u.float().contiguous(), ct.v.float().contiguous()
     if ct.sparse_index is not None:
-        pw.sparse_ptr, pw.sparse_cols, pw.sparse_value = to_csr(ct.sparse_index.long(), ct.sparse_value.float(), N, K)
+        pw.sparse_rows, pw.sparse_cols, pw.sparse_value = to_sparse(ct.sparse_index.long(), ct.sparse_value, N, K)
     return pw
 
 
-def to_csr(index: torch.Tensor, value: torch.Tensor, N: int, K: int):
-    """Flat positions n·K + k and their values → (ptr (N + 1,) int64, cols int32, values float32) sorted by row."""
+def to_sparse(index: torch.Tensor, value: torch.Tensor, N: int, K: int):
+    """Flat positions n·K + k and their values → (rows int32, cols int32, values float32), sorted by row."""
     if index.numel() and (index.min() < 0 or index.max() >= N * K):
         raise ValueError("outlier positions outside the matrix")
     order = torch.argsort(index, stable=True)
     index, value = index[order], value[order]
-    ptr = torch.zeros(N + 1, dtype=torch.long)
-    ptr[1:] = torch.bincount(index // K, minlength=N).cumsum(0)
-    return ptr, (index % K).to(torch.int32).contiguous(), value.float().contiguous()
+    return ((index // K).to(torch.int32).contiguous(), (index % K).to(torch.int32).contiguous(),
+            value.float().contiguous())
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -159,10 +158,10 @@ def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
         w = w * pw.col_scale
     if pw.u is not None:
         w = w + pw.u[rows] @ pw.v
-    if pw.sparse_ptr is not None:
+    if pw.sparse_rows is not None:
         if w.device.type == "cpu" and kernels.available():  # straight into w: no dense S block, no index tensors
             w = w.contiguous()
-            kernels.sparse_into(w, pw.sparse_ptr, pw.sparse_cols, pw.sparse_value, rows=rows.long().contiguous())
+            kernels.sparse_into(w, pw, rows=rows.long().contiguous())
         else:
             w = w + _sparse_rows(pw, rows)
     return w
@@ -171,7 +170,9 @@ def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
 def _sparse_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
     """S[rows] (len(rows), K) as a dense float32 block (PyTorch ops: the reference, and the GPU's path)."""
     out = torch.zeros(len(rows), pw.shape[1], device=rows.device)
-    start, count = pw.sparse_ptr[rows], pw.sparse_ptr[rows + 1] - pw.sparse_ptr[rows]
+    sorted_rows = pw.sparse_rows.long()
+    start = torch.searchsorted(sorted_rows, rows)
+    count = torch.searchsorted(sorted_rows, rows, right=True) - start
     first = torch.cumsum(count, 0) - count  # where each asked row's values begin in the gathered list
     which = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), count)  # asked row of each value
     at = start[which] + torch.arange(len(which), device=rows.device) - first[which]  # its index in cols/values
@@ -185,12 +186,12 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, vector: bool = True) -> tor
     if pw.codes.device.type != "cpu":
         w = dequantize_rows(pw, torch.arange(pw.shape[0], device=pw.codes.device))
         return F.linear(x, w.to(x.dtype)).float()
-    sparse = pw.sparse_ptr is not None
+    sparse = pw.sparse_rows is not None
     if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and x.shape[0] < TILED_FROM \
             and pw.col_scale is None and pw.u is None:  # the decode step: codes and outliers only
         y = _few_tokens(x, pw, vector)
         if sparse:
-            kernels.sparse_add(y, x, pw.sparse_ptr, pw.sparse_cols, pw.sparse_value)
+            kernels.sparse_add(y, x, pw.sparse_rows, pw.sparse_cols, pw.sparse_value)
         return y
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.shape[1]).float().contiguous()  # (M, K)
@@ -204,7 +205,7 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, vector: bool = True) -> tor
     if pw.u is not None:
         y = y + (x2 @ pw.v.T) @ pw.u.T  # (M, r) · (r, N)
     if sparse and not in_tiles:
-        kernels.sparse_add(y, x2, pw.sparse_ptr, pw.sparse_cols, pw.sparse_value)
+        kernels.sparse_add(y, x2, pw.sparse_rows, pw.sparse_cols, pw.sparse_value)
     return y.reshape(*lead, pw.shape[0])
 
 
@@ -239,7 +240,7 @@ def _tiled(x: torch.Tensor, pw: PackedWeight, vector: bool, outliers: bool = Fal
         w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, 0, N, vector,
                                out=tile(N, K))
         if outliers:
-            kernels.sparse_into(w, pw.sparse_ptr, pw.sparse_cols, pw.sparse_value, 0)
+            kernels.sparse_into(w, pw, n0=0)
         return x @ w.T
     y = torch.empty(x.shape[0], N)
     for n0 in range(0, N, rows):
@@ -247,7 +248,7 @@ def _tiled(x: torch.Tensor, pw: PackedWeight, vector: bool, outliers: bool = Fal
         w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, n0, n1, vector,
                                out=tile(n1 - n0, K))
         if outliers:
-            kernels.sparse_into(w, pw.sparse_ptr, pw.sparse_cols, pw.sparse_value, n0)
+            kernels.sparse_into(w, pw, n0=n0)
         y[:, n0:n1] = x @ w.T  # (M, K) · (K, tile)
     return y
 
@@ -467,17 +468,12 @@ def concat_packed(pws: list[PackedWeight]) -> PackedWeight | None:
                        torch.cat([p.scale for p in pws]).contiguous(), _cat_zero(pws),
                        first.block, col_scale=first.col_scale,
                        int8_activations=all(p.int8_activations for p in pws))
-    if any(p.sparse_ptr is not None for p in pws):
-        ptrs, cols, values, done = [torch.zeros(1, dtype=torch.long)], [], [], 0
-        for p in pws:
-            if p.sparse_ptr is None:
-                ptrs.append(torch.full((p.shape[0],), done, dtype=torch.long))
-                continue
-            ptrs.append(p.sparse_ptr[1:] + done)
-            cols.append(p.sparse_cols)
-            values.append(p.sparse_value)
-            done += p.sparse_cols.numel()
-        out.sparse_ptr, out.sparse_cols, out.sparse_value = torch.cat(ptrs), torch.cat(cols), torch.cat(values)
+    if any(p.sparse_rows is not None for p in pws):
+        offsets = torch.tensor([0] + [p.shape[0] for p in pws]).cumsum(0)
+        parts = [(p.sparse_rows + int(offsets[i]), p.sparse_cols, p.sparse_value) for i, p in enumerate(pws)
+                 if p.sparse_rows is not None]  # each part sorted, parts in row order: the whole stays sorted
+        out.sparse_rows, out.sparse_cols, out.sparse_value = (torch.cat([x[j] for x in parts]).contiguous()
+                                                              for j in range(3))
     return out
 
 
