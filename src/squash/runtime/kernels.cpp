@@ -786,8 +786,16 @@ void sparse_into(torch::Tensor out, torch::Tensor rows, torch::Tensor cols, torc
   const int32_t* c = cols.data_ptr<int32_t>();
   const float* v = vals.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  if (!listed) {  // a tile of consecutive rows: one search, then a walk over its triples
+    TORCH_CHECK(0 <= n0 && n0 + R <= N, "rows out of range");
+    for (int64_t j = std::lower_bound(r, r + nnz, n0) - r; j < nnz && r[j] < n0 + R; ++j) {
+      TORCH_CHECK(0 <= c[j] && c[j] < K, "column out of range");
+      o[(r[j] - n0) * K + c[j]] += v[j];
+    }
+    return;
+  }
   for (int64_t i = 0; i < R; ++i) {
-    const int64_t n = listed ? wp[i] : n0 + i;
+    const int64_t n = wp[i];
     TORCH_CHECK(0 <= n && n < N, "row ", n, " out of range");
     for (int64_t j = std::lower_bound(r, r + nnz, n) - r; j < nnz && r[j] == n; ++j) {
       TORCH_CHECK(0 <= c[j] && c[j] < K, "column out of range");
