@@ -21,8 +21,8 @@ A method that fails to import or run is a row with status "error" and its except
 Quick mode (--quick) is for the whole bench to finish in minutes. It leaves out: bit widths 6, 3 and 2 (only 8
 and 4 run); most of the evaluation text (smollm2: 4 windows of 256 tokens instead of 16 × 512; minilm: 32
 paragraphs instead of 256; digits-cnn: all 360 digits either way); most of squash's calibration on models of a
-million weights or more (GPTQ on 8 calibration samples instead of 32: int4 takes about 75 s on smollm2 instead
-of 160); HQQ at 8 bits (its weight optimisation is the slowest of the peers).
+million weights or more (GPTQ on 8 calibration samples instead of 32, the slowest step of the quick run); HQQ at
+8 bits (its weight optimisation is the slowest of the peers).
 """
 from __future__ import annotations
 
