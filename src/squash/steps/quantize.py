@@ -319,13 +319,14 @@ def _gptq(w2d: torch.Tensor, h: torch.Tensor, config: Quantize, block, grid, mas
             S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)
             C1 = torch.empty(W1.shape, dtype=torch.uint8)
             bounds = list(range(0, i2 - i1, bc)) if lazy_groups else [0]
+            U1c = U1.contiguous()
             for a, b in zip(bounds, bounds[1:] + [i2 - i1]):
                 if lazy_groups:
                     choose(int(js[a]) // bc, W1[:, a:b])
                 gs = js[a:b] // bc
                 S1[:, a:b] = per_column(scale, gs)
                 Z1[:, a:b] = midpoint(config.bits, config.symmetric, grid) if zero is None else per_column(zero, gs) / zdiv
-                columns(W1, U1.contiguous(), S1, Z1, a, b, 1.0 if config.symmetric else 0.0, 2.0**config.bits - 1, C1, Err1)
+                columns(W1, U1c, S1, Z1, a, b, 1.0 if config.symmetric else 0.0, 2.0**config.bits - 1, C1, Err1)
             codes[:, js] = C1
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
             continue
