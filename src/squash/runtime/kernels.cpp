@@ -738,7 +738,7 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cac
 // The weights kept in float beside the codes, S, as (row, column, value) triples sorted by row (int32, int32,
 // float32). About 0.3% of a matrix, one or two a row. The decode pass walks the triples in order with no
 // per-row loop: rows hold a random number of values, and a loop over each row's values mispredicts its exit
-// branch about once a row, which at batch 1 cost twice as much as the multiply-adds.
+// branch about once a row, which at batch 1 cost more than the multiply-adds.
 
 void check_sparse(torch::Tensor rows, torch::Tensor cols, torch::Tensor vals) {
   TORCH_CHECK(rows.scalar_type() == torch::kInt32 && cols.scalar_type() == torch::kInt32 &&
@@ -808,7 +808,7 @@ void sparse_into(torch::Tensor out, torch::Tensor rows, torch::Tensor cols, torc
 // Columns [c0, c1) of one lazy batch W1 (rows, B) in visiting order, uniform integer grid, scales fixed:
 //   c = clamp(round(w/s + z), lo, hi),  q = s·(c − z),  e = (w − q) / U[i, i],  W1[r, i:] −= e · U[i, i:]
 // Each row's rounding error feeds only its own later columns, so rows run in parallel, each a contiguous walk.
-// In Python this loop is ~15 tensor calls a column (150 k columns on smollm2: half of its int4 compression).
+// In Python this loop is ~15 tensor calls a column, and smollm2 has about 150 k columns to walk.
 void gptq_columns(torch::Tensor W1, torch::Tensor U1, torch::Tensor s, torch::Tensor z, int64_t c0, int64_t c1,
                   double lo, double hi, torch::Tensor codes, torch::Tensor err) {
   TORCH_CHECK(W1.dim() == 2 && W1.scalar_type() == torch::kFloat32 && W1.is_contiguous(), "W1: contiguous float32 (rows, B)");
