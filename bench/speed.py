@@ -94,11 +94,19 @@ def _warm_imports(cfg: dict) -> None:
         kernels.extension()
     if cfg["kind"] == "llama.cpp":
         import llama_cpp  # noqa: F401
+    if cfg["kind"] == "peer":  # the peer's library is not its model
+        sys.path.insert(0, str(HERE))
+        import peers
+
+        peers.METHODS[cfg["method"]].load()
     torch.nn.functional.linear(torch.randn(4, 64), torch.randn(64, 64))  # MKL's and oneDNN's first-call buffers
-    if cfg["model"] != "smollm2-135m":  # the tokenizer is not the model either
+    if cfg["model"] != "smollm2-135m":  # smollm2's worker has loaded it already, for the prompt's tokens
         import squash
 
-        squash.models.bundled_info(cfg["model"])
+        # Building a transformers model the first time imports what its integrations need (accelerate, hqq,
+        # torchao … about 180 MB here for minilm): libraries, not the model. Load and drop the float model once so
+        # that every row starts from the same warm process.
+        squash.load(cfg["model"])  # dropped at once
 
 
 def _peak_mb() -> float:
@@ -120,6 +128,7 @@ def _load(cfg: dict):
     import torch
 
     import squash
+    from squash.models import tokenizer_for
 
     kind, model_name = cfg["kind"], cfg["model"]
     if kind == "llama.cpp":
@@ -145,7 +154,7 @@ def _load(cfg: dict):
 
         return _decoder_runner(Decoder(module, max_len=cfg["prompt"] + cfg["decode"] + 8), cfg), weight_bytes, how
     if model.kind == "encoder":
-        return _encoder_runner(model, cfg), weight_bytes, how
+        return _encoder_runner(module, tokenizer_for(model), cfg), weight_bytes, how
     return _classifier_runner(module, cfg), weight_bytes, how
 
 
@@ -162,13 +171,15 @@ def _load_peer(cfg: dict):
     model = squash.load(cfg["model"])
     with tempfile.TemporaryDirectory() as tmp:
         res = method.run(model, peers.Variant(cfg["bits"], cfg["variant"]), peers.Context(quick=True, workdir=Path(tmp)))
-    module = res.module
-    kind = model.kind
-    del model  # the float model the peer copied from: not part of what the peer holds
+    stored, how = res.stored_bytes, res.config
+    module, kind, tok = res.module, model.kind, model.tokenizer
+    del model, res  # the float model the peer copied from: not part of what the peer holds
     _mark_loaded()
     if kind == "causal-lm":
-        return _hf_lm_runner(module, cfg), res.stored_bytes, res.config
-    raise ValueError("peer speed is measured on the language model only")
+        return _hf_lm_runner(module, cfg), stored, how
+    if kind == "encoder":
+        return _encoder_runner(module, tok, cfg), stored, how
+    return _classifier_runner(module, cfg), stored, how
 
 
 def _summarise(runtime: dict) -> str:
@@ -318,20 +329,18 @@ def _gguf_tensor_bytes(path) -> int:
     return int(sum(t.n_bytes for t in GGUFReader(path).tensors))
 
 
-def _encoder_runner(model, cfg):
+def _encoder_runner(module, tok, cfg):
     import torch
 
     from squash.data import evaluation_text, paragraphs
-    from squash.models import tokenizer_for
 
-    tok = tokenizer_for(model)
     texts = paragraphs(evaluation_text())[: cfg["batch"]]
     enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
 
     def run(_):
         def forward():
             with torch.inference_mode():
-                model.module(**enc)
+                module(**enc)
 
         forward()
         times = _timed(forward, cfg["repeats"])
@@ -357,7 +366,8 @@ def _classifier_runner(module, cfg):
                 module(one)
 
         batch(), single()
-        return {"items_per_s": [cfg["batch"] / t for t in _timed(batch, cfg["repeats"])],
+        # a batch takes milliseconds: 10× the repeats, or one slow moment of the machine decides the median
+        return {"items_per_s": [cfg["batch"] / t for t in _timed(batch, cfg["repeats"] * 10)],
                 "latency_ms": [1e3 * t for t in _timed(single, cfg["repeats"] * 20)], "batch": cfg["batch"]}
 
     return run
@@ -461,19 +471,14 @@ def configs_for(model_name: str, quick: bool) -> list[dict]:
     """The configurations compared for one model (files are prepared here, outside the timed workers)."""
     base = {"model": model_name, "repeats": 3, "prompt": 128, "decode": 32 if quick else 64,
             "batch": 32 if model_name == "minilm-l6" else 256}
-    rows = [{"label": "float32 (transformers)", "kind": "transformers", "bits": 32}]
+    where = "transformers" if model_name != "digits-cnn" else "PyTorch"
+    rows = [{"label": f"float32 ({where})", "kind": "transformers", "bits": 32}]
     if model_name == "smollm2-135m":
         int4 = "rtn4" if quick else "int4"
         rows += [{"label": "squash int8", "kind": "squash", "recipe": "int8", "bits": 8},
                  {"label": f"squash {int4}", "kind": "squash", "recipe": int4, "bits": 4}]
         for q, bits in ((("F32", 32),) if not quick else ()) + (("Q8_0", 8), ("Q4_0", 4)):  # quick: no F32
             rows.append({"label": f"llama.cpp {q}", "kind": "llama.cpp", "qtype": q, "bits": bits})
-        peer_rows = [("torchao", 8, "int8wo"), ("hqq", 4, "hqq4")]
-        if not quick:
-            peer_rows += [("quanto", 8, "qint8"), ("bnb", 8, "int8"), ("quanto", 4, "qint4"), ("bnb", 4, "nf4")]
-        for method, bits, variant in peer_rows:
-            rows.append({"label": f"{method} {variant} (transformers)", "kind": "peer", "method": method,
-                         "variant": variant, "bits": bits})
     elif model_name == "minilm-l6":
         rows += [{"label": "squash w8a8", "kind": "squash", "recipe": "w8a8", "bits": 8},
                  {"label": "squash int8", "kind": "squash", "recipe": "int8", "bits": 8},
@@ -481,6 +486,14 @@ def configs_for(model_name: str, quick: bool) -> list[dict]:
     else:
         rows += [{"label": "squash int8", "kind": "squash", "recipe": "int8", "bits": 8},
                  {"label": "squash w8a8", "kind": "squash", "recipe": "w8a8", "bits": 8}]
+    # the peers, each a quantized copy of the float model run in PyTorch (transformers for the language model
+    # and the encoder); quick mode keeps one 8-bit and one 4-bit peer
+    peer_rows = [("torchao", 8, "int8wo"), ("hqq", 4, "hqq4")]
+    if not quick:
+        peer_rows += [("quanto", 8, "qint8"), ("bnb", 8, "int8"), ("quanto", 4, "qint4"), ("bnb", 4, "nf4")]
+    for method, bits, variant in peer_rows:
+        rows.append({"label": f"{method} {variant} ({where})", "kind": "peer", "method": method,
+                     "variant": variant, "bits": bits})
     out = []
     for r in rows:
         cfg = {**base, **r}
