@@ -469,7 +469,9 @@ def llama_cpp_file(qtype: str) -> Path:
 
 def configs_for(model_name: str, quick: bool) -> list[dict]:
     """The configurations compared for one model (files are prepared here, outside the timed workers)."""
-    base = {"model": model_name, "repeats": 3, "prompt": 128, "decode": 32 if quick else 64,
+    # an encoder batch takes under a second: 10 timed repeats in each process (5 in quick mode) steady the median
+    repeats = 3 if model_name != "minilm-l6" else (5 if quick else 10)
+    base = {"model": model_name, "repeats": repeats, "prompt": 128, "decode": 32 if quick else 64,
             "batch": 32 if model_name == "minilm-l6" else 256}
     where = "transformers" if model_name != "digits-cnn" else "PyTorch"
     rows = [{"label": f"float32 ({where})", "kind": "transformers", "bits": 32}]
