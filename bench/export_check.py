@@ -1,6 +1,6 @@
 """Does llama.cpp run squash's GGUF export the way squash runs the .squash file?
 
-    .venv/bin/python bench/export_check.py                    # gguf-q8_0, gguf-q4_0, int4, int4:q8_0
+    .venv/bin/python bench/export_check.py                    # gguf-q8_0, gguf-q4_0, int4, int4:q4_1
     .venv/bin/python bench/export_check.py --recipes gguf-q8_0 int4:q4_k   # RECIPE:TYPE forces a GGUF type
 
 For each recipe: compress smollm2-135m (the .squash file is cached in the user cache, keyed by recipe and source
@@ -114,7 +114,7 @@ def compressed_file(model, recipe_name: str) -> tuple[Path, float | None]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recipes", nargs="+", default=["gguf-q8_0", "gguf-q4_0", "int4", "int4:q8_0"],
+    ap.add_argument("--recipes", nargs="+", default=["gguf-q8_0", "gguf-q4_0", "int4", "int4:q4_1"],
                     help="presets to compress with; RECIPE:TYPE exports with --type TYPE")
     ap.add_argument("--windows", type=int, default=16, help="windows of 512 evaluation tokens (squash eval: 16)")
     args = ap.parse_args()
@@ -161,8 +161,9 @@ def main() -> int:
     for r in rows:
         r["rel_diff"] = r["llama_ppl"] / r["squash_ppl"] - 1
     write(rows, args, time.perf_counter() - started)
-    # the 1% target is for files that carry squash's own codes (and the source itself); refits are reported
-    return 0 if all(abs(r["rel_diff"]) <= 0.01 for r in rows if not r["refit"]) else 1
+    # the 1% target is for the default export (squash's codes, or refits within the tolerance) and the source;
+    # a forced --type trades fidelity for size, and is reported
+    return 0 if all(abs(r["rel_diff"]) <= 0.01 for r in rows if "--type" not in r["recipe"]) else 1
 
 
 def write(rows: list[dict], args, seconds: float) -> None:

@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="the file to write (.gguf for --to gguf)")
     s.add_argument("--type", choices=("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k", "f16", "f32"),
                    help="GGUF: one llama.cpp type for every compressed weight (default: squash's own codes where "
-                        "they fit Q8_0/Q5_x/Q4_x exactly, else the closest type, refit)")
+                        "they fit Q8_0/Q5_x/Q4_x exactly, else the smallest type that keeps each layer's output "
+                        "within 1%% RMS of squash's, refit weighted by calibration inputs)")
     s.add_argument("--metadata-from", help="GGUF: copy tokenizer, chat template and general.* from this GGUF "
                    "(default: the source model's GGUF when it has one, else its transformers config and tokenizer)")
     s.add_argument("--json", action="store_true", help="print the export report as JSON")

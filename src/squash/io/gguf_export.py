@@ -14,13 +14,18 @@ exact   squash's blocks tile the row in multiples of 32 and the tensor is codes 
         (relative 2^−11 of the scale). The smallest type that holds the codes is chosen: Q4_0 for 4-bit (and
         narrower) symmetric codes, Q4_1 for 4-bit asymmetric, Q5_0 / Q5_1 for 5-bit, Q8_0 for 6 to 8 bits.
 refit   anything else (groups not a multiple of 32, outliers, low-rank, NF/log grids, AWQ column scales, wide
-        asymmetric codes): squash's full Ŵ = s·(G[c] − z)·diag(r) + U·V + S is quantized again into the closest
-        llama.cpp type with at least squash's bits: ≤ 4 bits → Q4_K where the row length is a multiple of 256,
-        else Q4_1; 5–6 bits → Q6_K (else Q8_0); 7–8 bits → Q8_0; codeless tensors (pruned float, pure
-        low-rank) → F16. The 32-block refits try, per block, llama.cpp's own reference rounding, squash's scale
-        and zero point for that block (which reproduces squash's codes wherever the block has no outlier) and a
-        weighted least-squares fit, and keep the one closest to Ŵ. The K-quants follow ggml's reference
-        quantizers (quantize_row_q4_K_ref, quantize_row_q6_K_ref).
+        asymmetric codes): squash's full Ŵ = s·(G[c] − z)·diag(r) + U·V + S is quantized again. Rounding is
+        weighted by the layer's input statistics c_j = E[x_j²] on calibration text (llama.cpp's importance
+        matrix): an error in column j reaches the output scaled by x_j. The type is the first, smallest first,
+        whose output change Σ_ij c_j·(w_ij − ŵ_ij)² / Σ_ij c_j·ŵ_ij² is at most `tolerance` (1e-4, a relative
+        RMS of 1%): ≤ 4 bits: Q4_K (rows of 256) or Q4_1, Q5_1, Q6_K, Q8_0; 5–6 bits: Q5_1, Q6_K, Q8_0;
+        7–8 bits: Q8_0; then F16, and codeless tensors (pruned float, pure low-rank) F16. So the GGUF is the
+        model squash measured, at the size that takes (the int4 preset's float16 outliers, which no llama.cpp
+        type holds, put most of smollm2's tensors in Q5_1). `target` trades that for size. The 32-block
+        refits try, per block, llama.cpp's own reference rounding, squash's scale and zero point for that
+        block (which reproduces squash's codes wherever the block has no outlier) and a weighted least-squares
+        search, and keep the one closest to Ŵ under the weights. The K-quants follow ggml's quantizers
+        (quantize_row_q4_K and _q6_K: the reference ones, or with statistics the importance-weighted ones).
 float   tensors squash kept in float (norms, biases, excluded layers): F32, or F16 where the source GGUF has F16.
 
 `target` forces one type for every compressed weight (exact when the codes fit it, else a refit).
@@ -40,12 +45,14 @@ import json
 import math
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from squash.errors import SquashError
 
@@ -92,6 +99,9 @@ TARGETS = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1
            "q6_k": "Q6_K", "f16": "F16", "f32": "F32"}
 BITS_PER_WEIGHT = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q4_K": 4.5, "Q6_K": 6.5625,
                    "F16": 16.0, "F32": 32.0}
+# a refit is good enough when it changes at most this share of a layer's output energy on calibration text
+# (relative RMS 1%): about 1% of what 4-bit quantization itself costs a layer
+TOLERANCE = 1e-4
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q6_K": 18}
 # general.file_type: LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K_M, Q6_K
 
@@ -130,8 +140,9 @@ def pack_small(t: Small, d: np.ndarray, m: np.ndarray | None, q: np.ndarray) -> 
     return np.concatenate(parts, axis=-1).reshape(rows, nb * t.bytes)
 
 
-def _round_small(t: Small, x: np.ndarray, d: np.ndarray, m: np.ndarray | None):
-    """Codes for x (rows, cols) given fp16 d, m per block; and the squared error per block."""
+def _round_small(t: Small, x: np.ndarray, d: np.ndarray, m: np.ndarray | None, weight: np.ndarray | None = None):
+    """Codes for x (rows, cols) given fp16 d, m per block; and the squared error per block, each column's
+    weighted by weight[j] (cols,) when given."""
     rows, cols = x.shape
     xb = x.reshape(rows, -1, QK)
     dd = d.astype(np.float32)[:, :, None]
@@ -140,14 +151,20 @@ def _round_small(t: Small, x: np.ndarray, d: np.ndarray, m: np.ndarray | None):
         q = np.rint((xb - mm) / dd) + t.offset
     q = np.where(np.isfinite(q), q, t.offset if not t.has_min else 0)
     q = np.clip(q, t.qmin, t.qmax)
-    err = ((dd * (q - t.offset) + mm - xb) ** 2).sum(-1)
-    return q.reshape(rows, cols).astype(np.int16), err
+    sq = (dd * (q - t.offset) + mm - xb) ** 2
+    if weight is not None:
+        sq = sq * weight.reshape(1, -1, QK)
+    return q.reshape(rows, cols).astype(np.int16), sq.sum(-1)
 
 
-def refit_small(t: Small, x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | None = None) -> tuple:
-    """Quantize x (rows, cols) into type t: per 32-block the best (least squared error) of llama.cpp's reference
-    rounding, squash's own scale and zero point (`hint`: s and z per block, (rows, nb)), and, for the *_1 types on
-    blocks neither fits to fp16 precision, ggml's weighted least-squares search (make_qkx2_quants)."""
+def refit_small(t: Small, x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | None = None,
+                weight: np.ndarray | None = None) -> tuple:
+    """Quantize x (rows, cols) into type t: per 32-block the best of llama.cpp's reference rounding, squash's own
+    scale and zero point (`hint`: s and z per block, (rows, nb)) and, on blocks neither fits to fp16 precision,
+    ggml's weighted least-squares searches (make_qkx2_quants for the *_1 types, make_qx_quants for the others).
+
+    weight (cols,): how much an error in each column costs, E[x_j²] of the layer's input (llama.cpp's importance
+    matrix); "best" is then the least Σ_j weight_j·(x̂_ij − x_ij)² per block. None: plain squared error."""
     rows, cols = x.shape
     xb = x.reshape(rows, -1, QK)
     best = {}
@@ -159,7 +176,7 @@ def refit_small(t: Small, x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | N
         if t.has_min:
             m16 = _f16(np.where(np.isfinite(m), m, 0.0))
             m16 = np.where(np.isfinite(m16), m16, np.float16(0))
-        q, err = _round_small(t, x, d16, m16)
+        q, err = _round_small(t, x, d16, m16, weight)
         if only is not None:
             err = np.where(only, err, np.inf)
         if not best:
@@ -182,14 +199,20 @@ def refit_small(t: Small, x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | N
     if hint is not None:
         s, z = hint
         offer(s, -s * z if t.has_min else None)
-    if t.has_min:
-        loose = best["err"] > QK * (2.0**-10 * np.abs(xb).max(-1)) ** 2  # not already exact to fp16 precision
-        if loose.any():
-            sel = xb[loose]
-            sc, neg_min, _ = qkx2(sel, np.ones_like(sel), t.qmax, -1.0, 0.1, 20)
-            d, m = np.zeros(loose.shape, np.float32), np.zeros(loose.shape, np.float32)
+    # blocks not already exact to fp16 precision (with squash's codes, every block without an outlier is)
+    w = np.ones(cols, np.float32) if weight is None else weight.astype(np.float32)
+    exact_err = QK * (2.0**-10 * np.abs(xb).max(-1)) ** 2 * w.reshape(-1, QK).max(-1)[None, :]
+    loose = best["err"] > exact_err
+    if loose.any():
+        sel = xb[loose]
+        wsel = np.broadcast_to(w.reshape(1, -1, QK), xb.shape)[loose]
+        d, m = np.zeros(loose.shape, np.float32), np.zeros(loose.shape, np.float32)
+        if t.has_min:
+            sc, neg_min, _ = qkx2(sel, wsel, t.qmax, -1.0, 0.1, 20)
             d[loose], m[loose] = sc, -neg_min
-            offer(d, m, only=loose)
+        else:
+            d[loose] = _qx(sel, t.offset, wsel)[0]
+        offer(d, m if t.has_min else None, only=loose)
     return best["d"], best["m"], best["q"]
 
 
@@ -233,7 +256,8 @@ def qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, ns
     return scale.astype(np.float32), (-mn).astype(np.float32), L
 
 
-def q4_k(x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | None = None, search: bool = True) -> np.ndarray:
+def q4_k(x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | None = None, search: bool = True,
+         weight: np.ndarray | None = None) -> np.ndarray:
     """Q4_K: x (rows, cols), cols a multiple of 256 → (rows, cols/256·144) uint8.
 
     Block: d, dmin (fp16), 12 bytes of 6-bit sub-block scales and mins, 128 bytes of 4-bit codes;
@@ -241,12 +265,20 @@ def q4_k(x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | None = None, searc
     ggml's quantize_row_q4_K_ref. `hint` (squash's s and z per 32-block, (rows, cols/32)) offers each sub-block
     squash's own scale and offset s·z beside ggml's fit, the one closer to x (ggml's weighting) kept; `search`
     picks the super-block d (and dmin) among max/k, k = 32 … 63, that best fits the sub-block scales (mins) on
-    the 6-bit grid, where ggml always takes k = 63. Codes are then rounded against the stored values."""
+    the 6-bit grid, where ggml always takes k = 63. Codes are then rounded against the stored values.
+    `weight` (cols,): an importance matrix, used as ggml's quantize_row_q4_K_impl uses one:
+    weight_j·√(σ² + x²) with σ² = 2·mean(x²) over the super-block, in place of √mean(x²) + |x|."""
     rows, cols = x.shape
     nb = cols // QK_K
     sub = x.reshape(-1, QK).astype(np.float32)  # (rows·nb·8, 32)
-    av = np.sqrt((sub * sub).mean(1, keepdims=True))
-    wts = av + np.abs(sub)
+    if weight is None:
+        av = np.sqrt((sub * sub).mean(1, keepdims=True))
+        wts = av + np.abs(sub)
+    else:
+        sup = x.reshape(-1, QK_K).astype(np.float32)
+        sigma2 = np.repeat(2 * (sup * sup).mean(1, keepdims=True), QK_K // QK, axis=0)  # per sub-block row
+        wts = np.broadcast_to(weight.astype(np.float32).reshape(1, -1, QK), (rows, cols // QK, QK)).reshape(-1, QK)
+        wts = wts * np.sqrt(sigma2 + sub * sub)
     scales, mins, L = qkx2(sub, wts, 15, -1.0, 0.1, 20)
     if hint is not None:
         hs = hint[0].reshape(-1).astype(np.float32)
@@ -301,13 +333,14 @@ def _six_bit(v: np.ndarray, cost: np.ndarray, search: bool) -> tuple[np.ndarray,
     return best_d, best_l.astype(np.uint8)
 
 
-def _qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's make_qx_quants(rmse_type = 1) over rows of x (n, k): scale and codes in [−nmax, nmax − 1]."""
+def _qx(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_qx_quants over rows of x (n, k): scale and codes in [−nmax, nmax − 1] minimising
+    Σ w·(scale·l − x)² (rmse_type 1: w = x², or the given weights)."""
     amax_i = np.abs(x).argmax(1)
     big = x[np.arange(len(x)), amax_i]
     zero = np.abs(big) < 1e-15
     safe = np.where(zero, 1, big)
-    w = x * x
+    w = x * x if w is None else w
 
     def try_(iscale):
         l = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1)
@@ -330,15 +363,19 @@ def _qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, 0, scale).astype(np.float32), np.where(zero[:, None], 0, L)
 
 
-def q6_k(x: np.ndarray) -> np.ndarray:
+def q6_k(x: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
     """quantize_row_q6_K_ref: x (rows, cols), cols a multiple of 256 → (rows, cols/256·210) uint8.
 
     Block: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 sub-block scales, fp16 d;
-    w = d·sc_j·(q − 32) for the 16 sub-blocks j of 16 weights."""
+    w = d·sc_j·(q − 32) for the 16 sub-blocks j of 16 weights. `weight` (cols,): an importance matrix, the
+    sub-block scales fitted under it (ggml's quantize_row_q6_K_impl)."""
     rows, cols = x.shape
     nb = cols // QK_K
     sub = x.reshape(-1, 16).astype(np.float32)
-    scales, _ = _qx(sub, 32)
+    wsub = None
+    if weight is not None:
+        wsub = np.broadcast_to(weight.astype(np.float32).reshape(1, -1, 16), (rows, cols // 16, 16)).reshape(-1, 16)
+    scales, _ = _qx(sub, 32, wsub)
     scales = scales.reshape(-1, 16)
     i = np.abs(scales).argmax(1)
     max_scale = scales[np.arange(len(scales)), i]
@@ -373,6 +410,7 @@ class Written:
     data: np.ndarray
     max_abs: float = 0.0
     rel_rms: float = 0.0
+    out_err: float = 0.0  # weighted_error: the share of the layer's output the GGUF values change
     bits: int = 0
 
 
@@ -434,16 +472,22 @@ def exact_small(ct, perm, types: list[str]):
     return None
 
 
-def refit_type(ct, cols: int) -> str:
-    """The llama.cpp type a weight squash's codes do not fit is quantized into again."""
-    bits = ct.bits
+def refit_candidates(ct, cols: int) -> list[str]:
+    """The llama.cpp types a weight squash's codes do not fit is tried in, smallest first: from the type of
+    squash's own width up to Q8_0, then F16 (codeless tensors, pruned float or pure low-rank: F16 only)."""
     if ct.codes is None:
-        return "F16"  # pruned float values or a pure low-rank factorisation: no code width to match
+        return ["F16"]
+    k = cols % QK_K == 0  # llama.cpp's K-quants cut rows into super-blocks of 256
+    bits = ct.bits
     if bits <= 4:
-        return "Q4_K" if cols % QK_K == 0 else "Q4_1"
-    if bits <= 6:
-        return "Q6_K" if cols % QK_K == 0 else "Q8_0"
-    return "Q8_0"
+        types = ["Q4_K" if k else "Q4_1", "Q5_1", "Q6_K" if k else None, "Q8_0"]
+    elif bits <= 5:
+        types = ["Q5_1", "Q6_K" if k else None, "Q8_0"]
+    elif bits <= 6:
+        types = ["Q6_K" if k else None, "Q8_0"]
+    else:
+        types = ["Q8_0"]
+    return [t for t in types if t] + ["F16"]
 
 
 def _hint(ct, perm):
@@ -454,16 +498,42 @@ def _hint(ct, perm):
     return s, z
 
 
-def convert(name: str, source: str, ct, perm: np.ndarray | None, target: str | None) -> Written:
-    """One compressed tensor → GGUF bytes; with its deviation from squash's Ŵ."""
+def weighted_error(w_hat: np.ndarray, values: np.ndarray, weight: np.ndarray | None) -> float:
+    """Σ_ij c_j·(v_ij − ŵ_ij)² / Σ_ij c_j·ŵ_ij²: the share of the layer's output energy a refit changes, for
+    inputs with E[x_j²] = c_j and uncorrelated channels (c = 1 without statistics)."""
+    c = np.ones(w_hat.shape[1]) if weight is None else weight.astype(np.float64)
+    num = float(((values.astype(np.float64) - w_hat) ** 2 @ c).sum())
+    den = float((w_hat.astype(np.float64) ** 2 @ c).sum())
+    return num / den if den > 0 else 0.0
+
+
+def _refit(qtype: str, w_hat: np.ndarray, hint, weight: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Ŵ quantized again into `qtype`: (GGUF bytes, the float32 values llama.cpp will compute with)."""
+    rows, cols = w_hat.shape
+    if qtype in ("F16", "F32"):
+        data = w_hat.astype(np.float16 if qtype == "F16" else np.float32)
+        return data, data.astype(np.float32)
+    if qtype in SMALL:
+        t = SMALL[qtype]
+        d, m, q = refit_small(t, w_hat, hint, weight)
+        return pack_small(t, d, m, q), _small_values(t, d, m, q)
+    data = q4_k(w_hat, hint, weight=weight) if qtype == "Q4_K" else q6_k(w_hat, weight)
+    return data, dequantize(data, qtype, rows, cols)
+
+
+def convert(name: str, source: str, ct, perm: np.ndarray | None, target: str | None,
+            weight: Callable[[], np.ndarray | None] | None = None, tolerance: float = TOLERANCE) -> Written:
+    """One compressed tensor → GGUF bytes; with its deviation from squash's Ŵ.
+
+    weight: returns E[x_j²] of the layer's input (or None); asked for only when the tensor needs a refit.
+    Without a target, a refit takes the first of refit_candidates whose weighted_error is within `tolerance`."""
     rows, cols = ct.matrix_shape
     w_hat = ct.dequantize(torch.float32).reshape(rows, cols).numpy()
     if perm is not None:
         w_hat = w_hat[perm]
-    if target in ("F16", "F32"):
-        data = w_hat.astype(np.float16 if target == "F16" else np.float32)
-        return _measure(Written(name, source, target, "refit" if target == "F16" else "exact", data, bits=ct.bits),
-                        w_hat, data.astype(np.float32))
+    if target == "F32":
+        data = w_hat.astype(np.float32)
+        return _measure(Written(name, source, "F32", "exact", data, bits=ct.bits), w_hat, data)
     if cols % QK:
         data = w_hat.astype(np.float16)  # no llama.cpp block type fits a row of this length (nor did it for llama.cpp)
         return _measure(Written(name, source, "F16", "refit", data, bits=ct.bits), w_hat, data.astype(np.float32))
@@ -472,24 +542,24 @@ def convert(name: str, source: str, ct, perm: np.ndarray | None, target: str | N
         order = [t for t in order if (ct.bits <= 4 or t not in ("Q4_0", "Q4_1")) and (ct.bits <= 5 or t in ("Q8_0",))]
     else:
         order = [target]
-    hit = exact_small(ct, perm, order) if target not in K_TYPES else None
+    hit = exact_small(ct, perm, order) if target not in K_TYPES + ("F16",) else None
     if hit is not None:
         t, d, m, q = hit
         data = pack_small(t, d, m, q)
         return _measure(Written(name, source, t.name, "exact", data, bits=ct.bits), w_hat, _small_values(t, d, m, q))
-    qtype = target or refit_type(ct, cols)
-    if qtype in K_TYPES and cols % QK_K:
-        qtype = {"Q4_K": "Q4_1", "Q6_K": "Q8_0"}[qtype]  # a row llama.cpp's K-quants cannot cut into 256s
-    if qtype == "F16":
-        data = w_hat.astype(np.float16)
-        return _measure(Written(name, source, "F16", "refit", data, bits=ct.bits), w_hat, data.astype(np.float32))
-    if qtype in SMALL:
-        t = SMALL[qtype]
-        d, m, q = refit_small(t, w_hat, _hint(ct, perm))
-        data = pack_small(t, d, m, q)
-        return _measure(Written(name, source, qtype, "refit", data, bits=ct.bits), w_hat, _small_values(t, d, m, q))
-    data = q4_k(w_hat, _hint(ct, perm)) if qtype == "Q4_K" else q6_k(w_hat)
-    return _measure(Written(name, source, qtype, "refit", data, bits=ct.bits), w_hat, dequantize(data, qtype, rows, cols))
+    c = weight() if weight is not None else None
+    hint = _hint(ct, perm)
+    if target is not None:
+        qtype = target
+        if qtype in K_TYPES and cols % QK_K:
+            qtype = {"Q4_K": "Q4_1", "Q6_K": "Q8_0"}[qtype]  # a row llama.cpp's K-quants cannot cut into 256s
+        data, values = _refit(qtype, w_hat, hint, c)
+    else:
+        for qtype in refit_candidates(ct, cols):
+            data, values = _refit(qtype, w_hat, hint, c)
+            if weighted_error(w_hat, values, c) <= tolerance:
+                break
+    return _measure(Written(name, source, qtype, "refit", data, bits=ct.bits), w_hat, values, c)
 
 
 def dequantize(data: np.ndarray, qtype: str, rows: int, cols: int) -> np.ndarray:
@@ -500,7 +570,9 @@ def dequantize(data: np.ndarray, qtype: str, rows: int, cols: int) -> np.ndarray
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols)
 
 
-def _measure(w: Written, w_hat: np.ndarray, written: np.ndarray) -> Written:
+def _measure(w: Written, w_hat: np.ndarray, written: np.ndarray, weight: np.ndarray | None = None) -> Written:
+    if w_hat.ndim == 2:
+        w.out_err = weighted_error(w_hat, written.reshape(w_hat.shape), weight)
     diff = written.astype(np.float64) - w_hat
     w.max_abs = float(np.abs(diff).max()) if diff.size else 0.0
     norm = float(np.sqrt((w_hat.astype(np.float64) ** 2).sum()))
@@ -684,12 +756,53 @@ def _tokenizer_fields(writer, tok, vocab_size: int) -> list[str]:
     return ["tokenizer written from the transformers tokenizer (gpt2 BPE, pre-tokenizer 'default')"]
 
 
+def input_importance(model, windows: int = 8, progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """E[x_j²] of the input of every compressed matrix the model multiplies by, over `windows` windows of the
+    calibration text: an error in column j reaches the output scaled by x_j. Keyed by the stored tensor's name
+    (a tied output head gives the token embedding its statistics; a lookup has none). This is llama.cpp's
+    importance matrix (llama-imatrix), which its quantizers weigh their rounding by."""
+    from squash.calibrate import calibration_batches
+    from squash.runtime.modules import QEmbedding
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, layer in model.module.named_modules():
+        key = model.tied.get(f"{name}.weight", f"{name}.weight")
+        if key not in model.tensors or isinstance(layer, (nn.Embedding, QEmbedding)):
+            continue
+
+        def hook(_, args, key=key):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        hooks.append(layer.register_forward_pre_hook(hook))
+    try:
+        batches = calibration_batches(model, samples=windows)
+        with torch.inference_mode():
+            for i, batch in enumerate(batches):
+                if progress:
+                    progress(i, len(batches), "input statistics (calibration text)")
+                model.module(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for k, v in sums.items():
+        c = (v / counts[k]).float().numpy()
+        out[k] = c + 1e-3 * c.mean()  # a channel calibration never drives is still rounded with some care
+    return out
+
+
 def export_gguf(model, path: str | os.PathLike, target: str | None = None,
-                metadata_from: str | os.PathLike | None = None, progress: Progress | None = None) -> dict:
+                metadata_from: str | os.PathLike | None = None, progress: Progress | None = None,
+                tolerance: float = TOLERANCE) -> dict:
     """Write `model` (a squash Model, normally loaded from a .squash file) as a GGUF file llama.cpp loads.
 
     target:        force one llama.cpp type for every compressed weight: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k,
-                   q6_k, f16 or f32 (default: exact where squash's codes fit, else the closest refit)
+                   q6_k, f16 or f32 (default: exact where squash's codes fit, else the smallest type whose refit
+                   changes the layer's output by at most `tolerance`, see weighted_error)
     metadata_from: a GGUF file whose tokenizer, chat template and general.* keys are copied (default: the
                    source model's own GGUF when it has one)
     Returns a JSON-able report: per tensor its GGUF type, exact / refit / float, and the deviation from
@@ -746,6 +859,14 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
     src_types = {}
     if reader is not None:
         src_types = {t.name: t.tensor_type.name for t in reader.tensors}
+    stats: dict = {}
+
+    def importance(key: str):
+        """Input statistics, gathered once, on the first tensor that needs a refit."""
+        if "all" not in stats:
+            stats["all"] = input_importance(model, progress=progress)
+        return stats["all"].get(key)
+
     written: list[Written] = []
     for i, (hf_name, gname) in enumerate(jobs):
         perm = None
@@ -755,7 +876,8 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
             perm = rope_permutation(_rows(model, state, hf_name), kv_heads)
         key = model.tied.get(hf_name, hf_name)
         if key in model.tensors:
-            written.append(convert(gname, hf_name, model.tensors[key], perm, target))
+            written.append(convert(gname, hf_name, model.tensors[key], perm, target,
+                                   weight=lambda key=key: importance(key), tolerance=tolerance))
         else:
             t = state[hf_name].detach().float().numpy()
             if perm is not None:
@@ -829,11 +951,15 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
         raise
     refit = [w for w in written if w.how == "refit" and w.qtype not in ("F16", "F32")]
     if refit:  # llama.cpp will not reproduce squash's quality exactly: say so where the user looks
-        worst = max(refit, key=lambda w: w.rel_rms)
+        worst = max(refit, key=lambda w: w.out_err)
+        types = ", ".join(f"{t} ×{n}" for t, n in Counter(w.qtype for w in refit).most_common())
+        how = (f"into --type {target}" if target else
+               f"each into the smallest llama.cpp type that changes its layer's output by at most {tolerance:.0e}")
         notes.append(f"{len(refit)} of {len(written)} tensors did not fit a llama.cpp type as squash stored them "
                      f"(outliers, low-rank terms, column scales, NF/log grids or odd groups) and were quantized "
-                     f"again (worst: {worst.name}, relative RMS deviation {worst.rel_rms:.2g} from squash's Ŵ); "
-                     "for a GGUF that carries squash's own codes compress with the gguf-q4_0 or gguf-q8_0 recipe")
+                     f"again, weighted by their inputs on calibration text, {how}: {types} (largest output "
+                     f"change {worst.out_err:.1e}, {worst.name}); for a GGUF that carries squash's own 4-bit or "
+                     "8-bit codes compress with the gguf-q4_0 or gguf-q8_0 recipe")
     return _report(path, written, src, main_type, notes)
 
 
@@ -866,6 +992,7 @@ def _report(path: Path, written: list[Written], src: Path | None, main_type: str
         row["weights"] += _numel(w)
         row["max_abs"] = max(row["max_abs"], w.max_abs)
         row["rel_rms_max"] = max(row["rel_rms_max"], w.rel_rms)
+        row["output_change_max"] = max(row.get("output_change_max", 0.0), w.out_err)
         if w.how == "refit":
             row["refit_max_abs"] = max(row["refit_max_abs"], w.max_abs)
             row["refit_rel_rms_max"] = max(row["refit_rel_rms_max"], w.rel_rms)
@@ -875,7 +1002,7 @@ def _report(path: Path, written: list[Written], src: Path | None, main_type: str
         "metadata_from": str(src) if src else "config and tokenizer",
         "file_type": main_type,
         "tensors": [{"name": w.name, "source": w.source, "type": w.qtype, "how": w.how, "bits": w.bits,
-                     "max_abs": w.max_abs, "rel_rms": w.rel_rms} for w in written],
+                     "max_abs": w.max_abs, "rel_rms": w.rel_rms, "output_change": w.out_err} for w in written],
         "summary": sorted(summary.values(), key=lambda r: -r["weights"]),
         "notes": notes,
     }
