@@ -246,6 +246,33 @@ def test_refit_tolerance_picks_the_type(tmp_path, compressed):
     assert (tmp_path / "loose.gguf").stat().st_size < (tmp_path / "strict.gguf").stat().st_size
 
 
+def test_refits_without_input_statistics_still_export(tmp_path, compressed, monkeypatch):
+    """No tokenizer to make calibration windows from (the source model is gone): the refits round unweighted
+    and the report says so; statistics that are not finite are dropped the same way."""
+    import squash.io.gguf_export as ge
+
+    path = tmp_path / "m.squash"
+    save(compressed("int4-outliers"), path)
+    small = load_squash(path)
+    small.source = {**small.source, "name": str(tmp_path / "moved-away")}
+    report = export_gguf(small, tmp_path / "a.gguf")
+    assert any(n.startswith("refits are unweighted: no input statistics") for n in report["notes"])
+    assert not any("weighted by their inputs" in n for n in report["notes"])
+    assert all(r["type"] in ("Q4_K", "Q4_1", "Q5_1", "Q6_K", "Q8_0", "F16") for r in report["tensors"] if r["how"] == "refit")
+
+    real = ge.input_importance
+
+    def broken(model, **kw):
+        stats = real(compressed("int4-outliers"), **kw)
+        stats["model.layers.0.mlp.up_proj.weight"][3] = np.nan
+        return stats
+
+    monkeypatch.setattr(ge, "input_importance", broken)
+    report = export_gguf(compressed("int4-outliers"), tmp_path / "b.gguf")
+    assert any("refits of 1 tensors are unweighted" in n for n in report["notes"])
+    assert all(np.isfinite(r["output_change"]) for r in report["tensors"])
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_1", "Q8_0"])
 def test_importance_weights_steer_the_refit(qtype):
     """With column weights, the refit's weighted error is no worse than the plain refit's, and clearly better

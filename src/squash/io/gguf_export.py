@@ -100,7 +100,8 @@ TARGETS = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1
 BITS_PER_WEIGHT = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q4_K": 4.5, "Q6_K": 6.5625,
                    "F16": 16.0, "F32": 32.0}
 # a refit is good enough when it changes at most this share of a layer's output energy on calibration text
-# (relative RMS 1%): about 1% of what 4-bit quantization itself costs a layer
+# (relative RMS 1%): about 1% of what 4-bit quantization itself costs a layer (the int4 preset against the float
+# weights: a median of 9e-3 over smollm2's layers)
 TOLERANCE = 1e-4
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q6_K": 18}
 # general.file_type: LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K_M, Q6_K
@@ -201,7 +202,7 @@ def refit_small(t: Small, x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | N
         offer(s, -s * z if t.has_min else None)
     # blocks not already exact to fp16 precision (with squash's codes, every block without an outlier is)
     w = np.ones(cols, np.float32) if weight is None else weight.astype(np.float32)
-    exact_err = QK * (2.0**-10 * np.abs(xb).max(-1)) ** 2 * w.reshape(-1, QK).max(-1)[None, :]
+    exact_err = (2.0**-10 * np.abs(xb).max(-1)) ** 2 * w.reshape(-1, QK).sum(-1)[None, :]
     loose = best["err"] > exact_err
     if loose.any():
         sel = xb[loose]
@@ -211,7 +212,7 @@ def refit_small(t: Small, x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | N
             sc, neg_min, _ = qkx2(sel, wsel, t.qmax, -1.0, 0.1, 20)
             d[loose], m[loose] = sc, -neg_min
         else:
-            d[loose] = _qx(sel, t.offset, wsel)[0]
+            d[loose] = _qx(sel, t.offset - t.qmin, wsel)[0]  # Q8_0: ±127, as ggml stores it
         offer(d, m if t.has_min else None, only=loose)
     return best["d"], best["m"], best["q"]
 
@@ -266,8 +267,9 @@ def q4_k(x: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | None = None, searc
     squash's own scale and offset s·z beside ggml's fit, the one closer to x (ggml's weighting) kept; `search`
     picks the super-block d (and dmin) among max/k, k = 32 … 63, that best fits the sub-block scales (mins) on
     the 6-bit grid, where ggml always takes k = 63. Codes are then rounded against the stored values.
-    `weight` (cols,): an importance matrix, used as ggml's quantize_row_q4_K_impl uses one:
-    weight_j·√(σ² + x²) with σ² = 2·mean(x²) over the super-block, in place of √mean(x²) + |x|."""
+    `weight` (cols,): an importance matrix, weighing each sub-block's fit the way ggml's quantize_row_q4_K_impl
+    does, weight_j·√(σ² + x²) with σ² = 2·mean(x²) over the super-block, in place of √mean(x²) + |x| (ggml's
+    search steps and its weighted fit of the super-block scales are not reproduced)."""
     rows, cols = x.shape
     nb = cols // QK_K
     sub = x.reshape(-1, QK).astype(np.float32)  # (rows·nb·8, 32)
@@ -410,7 +412,8 @@ class Written:
     data: np.ndarray
     max_abs: float = 0.0
     rel_rms: float = 0.0
-    out_err: float = 0.0  # weighted_error: the share of the layer's output the GGUF values change
+    out_err: float = 0.0  # weighted_error: the share of the layer's output the GGUF values change (weighted
+    # by input statistics where the tensor was refit with them, else unweighted)
     bits: int = 0
 
 
@@ -500,7 +503,8 @@ def _hint(ct, perm):
 
 def weighted_error(w_hat: np.ndarray, values: np.ndarray, weight: np.ndarray | None) -> float:
     """Σ_ij c_j·(v_ij − ŵ_ij)² / Σ_ij c_j·ŵ_ij²: the share of the layer's output energy a refit changes, for
-    inputs with E[x_j²] = c_j and uncorrelated channels (c = 1 without statistics)."""
+    inputs with E[x_j²] = c_j, approximately: it treats the input channels as orthogonal (E[x_j·x_k] = 0), as
+    llama.cpp's importance matrix does (c = 1 without statistics)."""
     c = np.ones(w_hat.shape[1]) if weight is None else weight.astype(np.float64)
     num = float(((values.astype(np.float64) - w_hat) ** 2 @ c).sum())
     den = float((w_hat.astype(np.float64) ** 2 @ c).sum())
@@ -547,7 +551,10 @@ def convert(name: str, source: str, ct, perm: np.ndarray | None, target: str | N
         t, d, m, q = hit
         data = pack_small(t, d, m, q)
         return _measure(Written(name, source, t.name, "exact", data, bits=ct.bits), w_hat, _small_values(t, d, m, q))
-    c = weight() if weight is not None else None
+    candidates = [target] if target is not None else refit_candidates(ct, cols)
+    c = weight() if weight is not None and candidates != ["F16"] else None  # F16 rounds to nearest anyway
+    if c is not None and c.shape != (cols,):
+        raise SquashError(f"{source}: input statistics for {c.shape[0]} columns, the weight has {cols}")
     hint = _hint(ct, perm)
     if target is not None:
         qtype = target
@@ -860,11 +867,21 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
     if reader is not None:
         src_types = {t.name: t.tensor_type.name for t in reader.tensors}
     stats: dict = {}
+    notes = []
 
     def importance(key: str):
         """Input statistics, gathered once, on the first tensor that needs a refit."""
         if "all" not in stats:
-            stats["all"] = input_importance(model, progress=progress)
+            try:
+                stats["all"] = input_importance(model, progress=progress)
+            except SquashError as e:  # no calibration text for it (no tokenizer): refits round unweighted
+                stats["all"] = {}
+                notes.append(f"refits are unweighted: no input statistics ({e})")
+            bad = sorted(k for k, c in stats["all"].items() if not np.isfinite(c).all())
+            if bad:
+                notes.append(f"refits of {len(bad)} tensors are unweighted: their inputs were not finite on the "
+                             f"calibration text ({bad[0]} …)")
+            stats["all"] = {k: c for k, c in stats["all"].items() if k not in bad}
         return stats["all"].get(key)
 
     written: list[Written] = []
@@ -896,7 +913,6 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
         counts[w.qtype] = counts.get(w.qtype, 0) + _numel(w)
     main_type = max(counts, key=counts.get) if counts else "F32"
 
-    notes = []
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -955,9 +971,10 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
         types = ", ".join(f"{t} ×{n}" for t, n in Counter(w.qtype for w in refit).most_common())
         how = (f"into --type {target}" if target else
                f"each into the smallest llama.cpp type that changes its layer's output by at most {tolerance:.0e}")
+        weighed = ", weighted by their inputs on calibration text," if stats.get("all") else ""
         notes.append(f"{len(refit)} of {len(written)} tensors did not fit a llama.cpp type as squash stored them "
                      f"(outliers, low-rank terms, column scales, NF/log grids or odd groups) and were quantized "
-                     f"again, weighted by their inputs on calibration text, {how}: {types} (largest output "
+                     f"again{weighed} {how}: {types} (largest output "
                      f"change {worst.out_err:.1e}, {worst.name}); for a GGUF that carries squash's own 4-bit or "
                      "8-bit codes compress with the gguf-q4_0 or gguf-q8_0 recipe")
     return _report(path, written, src, main_type, notes)
