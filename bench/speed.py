@@ -546,12 +546,12 @@ def table(model_name: str, rows: list[dict]) -> str:
         head = ("| runtime | decode tok/s (min–max) | × float32 | prefill tok/s | × float32 | resident MB | "
                 "% of float32 | MB read per token | GB/s |\n|---|---|---|---|---|---|---|---|---|")
     else:
-        head = ("| runtime | items/s (min–max) | × float32 | resident MB | % of float32 | weight MB |\n"
-                "|---|---|---|---|---|---|")
+        head = ("| runtime | items/s (min–max) | × float32 | batch forward ms | one item ms | resident MB | "
+                "% of float32 | weight MB |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | did not run: {r['error']} |" + " |" * (8 if lm else 4))
+            lines.append(f"| {r['label']} | did not run: {r['error']} |" + " |" * (8 if lm else 6))
             continue
         res = f"{r['resident_mb']:.0f}"
         frac = f"{100 * r['resident_frac']:.0f}%" if r.get("resident_frac") else "–"
@@ -560,8 +560,10 @@ def table(model_name: str, rows: list[dict]) -> str:
                          f"{_fmt(r['prefill_tps'], 0)} | {r.get('prefill_tps_x', float('nan')):.2f}× | {res} | {frac} | "
                          f"{r['weight_bytes'] / 2**20:.0f} | {r.get('gb_per_s', float('nan')):.1f} |")
         else:
+            batch_ms = 1e3 * r["batch"] / r["items_per_s"]["median"]  # the median batch's forward time
+            one = f"{r['latency_ms']['median']:.2f}" if isinstance(r.get("latency_ms"), dict) else "–"
             lines.append(f"| {r['label']} | {_fmt(r['items_per_s'])} | {r.get('items_per_s_x', float('nan')):.2f}× | "
-                         f"{res} | {frac} | {r['weight_bytes'] / 2**20:.1f} |")
+                         f"{batch_ms:.1f} | {one} | {res} | {frac} | {r['weight_bytes'] / 2**20:.1f} |")
     return "\n".join(lines) + "\n"
 
 
