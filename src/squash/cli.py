@@ -219,11 +219,11 @@ def _print_export(fmt: str, output: Path, report: dict) -> None:
     out.print(f"wrote {output} ({_mb(size)})")
     if fmt == "gguf":
         table = Table(title="GGUF tensors by llama.cpp type")
-        for col in ("type", "exact", "refit", "float", "weights", "max |Δ| vs squash"):
+        for col in ("type", "exact", "refit", "float", "weights", "max |Δ| vs squash", "max output change"):
             table.add_column(col)
         for r in report.get("summary", []):
             table.add_row(r["type"], str(r["exact"]), str(r["refit"]), str(r["float"]), f"{r['weights']:,}",
-                          f"{r['max_abs']:.3g}")
+                          f"{r['max_abs']:.3g}", f"{r.get('output_change_max', 0.0):.1e}")
         out.print(table)
         out.print(Text(f"metadata from {report.get('metadata_from')}"))
         for note in report.get("notes", []):
