@@ -199,12 +199,12 @@ def _param_bytes(module) -> int:
 
 def _module_bytes(module) -> int:
     """Bytes of everything the model holds: packed weights (once when tied), float parameters and buffers."""
-    from squash.runtime.packed import PackedEmbedding, PackedLinear, PackedW8A8Linear
+    from squash.runtime.packed import PackedConv, PackedEmbedding, PackedLinear, PackedW8A8Linear
 
     seen, n = set(), 0
     for m in module.modules():
         tensors = []
-        if isinstance(m, (PackedLinear, PackedEmbedding)):
+        if isinstance(m, (PackedLinear, PackedEmbedding, PackedConv)):
             tensors = m.pw.tensors() + ([m.bias] if getattr(m, "bias", None) is not None else [])
         elif isinstance(m, PackedW8A8Linear):
             tensors = [m.weight, m.scale] + ([m.bias] if m.bias is not None else [])

@@ -460,3 +460,47 @@ def test_a_build_killed_midway_does_not_block_the_next_process():
     finally:
         lock.unlink(missing_ok=True)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-500:]
+
+
+CONV_CASES = {
+    "int8-channel": lambda w: quantize(w, Quantize(bits=8, block="channel")),
+    "int4-channel-asym": lambda w: quantize(w, Quantize(bits=4, block="channel", symmetric=False)),
+    "int4+outliers": lambda w: quantize(w, Quantize(bits=4, block="channel"), outliers(w, Outliers(0.02))),
+    "int8+lowrank": lambda w: lowrank(w, LowRank(rank=2), quantize(w, Quantize(bits=8, block="channel"))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+@pytest.mark.parametrize("conv", ["1d", "2d-groups", "2d-stride"])
+def test_packed_conv_matches_the_reference_conv(case, conv):
+    """A convolution on the packed runtime: Ŵ rebuilt by the kernel, then the same float convolution."""
+    from torch import nn
+
+    from squash.runtime.modules import CompressedWeight, QConv
+    from squash.runtime.packed import PackedConv, full_weight
+
+    torch.manual_seed(0)
+    layer = {"1d": nn.Conv1d(6, 10, 5, padding=2), "2d-groups": nn.Conv2d(8, 12, 3, padding=1, groups=2),
+             "2d-stride": nn.Conv2d(3, 16, 3, stride=2, bias=False)}[conv]
+    ct = CONV_CASES[case](layer.weight.detach())
+    assert why_not_packable(ct) is None
+    ref = QConv(CompressedWeight(ct), layer.bias, layer)
+    fast = PackedConv(pack(ct), ref)
+    x = torch.randn((2, layer.in_channels, 17) if conv == "1d" else (2, layer.in_channels, 9, 11))
+    with torch.inference_mode():
+        _close(fast(x), ref(x), KERNEL_RTOL)
+    # the GPU's formula (dequantize_rows: PyTorch operations) gives the kernel's Ŵ
+    _close(dequantize_rows(fast.pw, torch.arange(fast.pw.shape[0])), full_weight(fast.pw), 1e-6)
+
+
+def test_digits_cnn_runs_its_convolutions_packed(digits):
+    """accelerate() packs a CNN's convolutions too; the model's outputs match the reference modules'."""
+    import copy
+
+    small = squash.compress(digits, squash.load_recipe("int8"))
+    fast = copy.deepcopy(small.module)
+    how = accelerate(fast, int8_activations=False)  # float activations: the linear layers' rounding is not tested here
+    assert how["conv1"] == "packed 8-bit, convolution" and how["conv2"] == "packed 8-bit, convolution"
+    x = torch.randn(7, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        _close(fast(x), small.module(x), MODEL_RTOL)

@@ -72,9 +72,9 @@ def why_not_packable(ct: CompressedTensor) -> str | None:
         return "no codes (float or low-rank only)"
     if ct.mask is not None:
         return "pruning mask"
-    if len(ct.shape) != 2:
-        return "not a matrix (convolution)"
-    rows, cols = ct.matrix_shape
+    if len(ct.shape) < 2:
+        return "not a matrix"
+    rows, cols = ct.matrix_shape  # a convolution's: (out channels, in channels × kernel)
     bc = ct.block[1]
     if ct.bits > 4 and ct.grid is not None:
         return f"{ct.bits}-bit custom grid"
@@ -306,6 +306,50 @@ class PackedEmbedding(nn.Module):
         return super()._apply(fn, recurse)
 
 
+class PackedConv(nn.Module):
+    """A Conv1d/2d/3d whose weight stays packed: for each call one pass of the kernel rebuilds Ŵ (transient, as a
+    tile of PackedLinear's is), then the float convolution runs. The reference QConv rebuilds it in a dozen
+    PyTorch operations, which costs more than a small convolution itself."""
+
+    def __init__(self, pw: PackedWeight, conv):
+        super().__init__()
+        self.pw = pw
+        self.weight_shape = tuple(conv.weight_q.ct.shape)  # (out, in / groups, *kernel)
+        self.bias = None if conv.bias is None else conv.bias.detach().float().clone()
+        self.op, self.stride, self.padding = conv.op, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = full_weight(self.pw).view(self.weight_shape).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self.op(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _apply(self, fn, recurse=True):
+        self.pw = _moved(self.pw, fn)
+        if self.bias is not None:
+            self.bias = fn(self.bias)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight_shape}, packed={self.pw.bits}-bit"
+
+
+def full_weight(pw: PackedWeight) -> torch.Tensor:
+    """All of Ŵ (N, K) as float32: the kernel's dequantisation on the CPU, dequantize_rows elsewhere."""
+    N, K = pw.shape
+    if pw.codes.device.type != "cpu":
+        return dequantize_rows(pw, torch.arange(N, device=pw.codes.device))
+    w = kernels.dequantize(K, pw.codes, pw.bits, pw.grid, pw.scale, pw.zero, pw.block, 0, N)
+    if pw.col_scale is not None:  # Ŵ = s·(G[c] − z)·diag(r) + U·V + S, in dequantize_rows' order
+        w = w * pw.col_scale
+    if pw.u is not None:
+        w = w + pw.u @ pw.v
+    if pw.sparse_rows is not None:
+        w = w.contiguous()
+        kernels.sparse_into(w, pw, n0=0)
+    return w
+
+
 _MOVED: dict = {}
 
 
@@ -401,14 +445,14 @@ def accelerate(module: nn.Module, int8_activations: bool = True) -> dict[str, st
     (W8A8 layers run on torch._int_mm). Tied modules (an
     embedding shared with the output head) share one PackedWeight. The unpacked codes are released.
     """
-    from squash.runtime.modules import QEmbedding, QLinear
+    from squash.runtime.modules import QConv, QEmbedding, QLinear
 
     kernels.extension()  # build (or load) the kernel before touching the model
     done: dict[int, PackedWeight] = {}
     report: dict[str, str] = {}
     for name, mod in list(module.named_modules()):
         for child_name, child in list(mod.named_children()):
-            if not isinstance(child, (QLinear, QEmbedding)):
+            if not isinstance(child, (QLinear, QEmbedding, QConv)):
                 continue
             full = f"{name}.{child_name}" if name else child_name
             ct = child.weight_q.ct
@@ -429,6 +473,10 @@ def accelerate(module: nn.Module, int8_activations: bool = True) -> dict[str, st
             pw = done.get(id(ct)) or pack(ct)
             pw.int8_activations = int8_activations and int8_activations_ok(pw)
             done[id(ct)] = pw
+            if isinstance(child, QConv):
+                setattr(mod, child_name, PackedConv(pw, child))
+                report[full] = f"packed {pw.bits}-bit, convolution"
+                continue
             new = PackedLinear(pw, child.bias) if isinstance(child, QLinear) else PackedEmbedding(pw, child.padding_idx)
             setattr(mod, child_name, new)
             report[full] = f"packed {pw.bits}-bit"
