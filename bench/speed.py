@@ -1,5 +1,6 @@
-"""Speed and resident memory, side by side in one run: squash's packed runtime against float32 in transformers
-and llama.cpp (llama-cpp-python) on the same model, the same prompt, 2 threads.
+"""Speed and resident memory, side by side in one run: squash's packed runtime against float32 in transformers,
+llama.cpp (llama-cpp-python) and the Python peers (torchao, hqq, optimum-quanto, bitsandbytes) on the same
+model, the same inputs, 2 threads.
 
 Every configuration runs in its own subprocess, so its resident memory (RSS after loading minus RSS before)
 and its timings are not disturbed by the others; configurations alternate across repeats so that a slow
