@@ -265,7 +265,17 @@ def _tile(rows: int, K: int) -> torch.Tensor:
     return buf[: rows * K].view(rows, K)
 
 
-class PackedLinear(nn.Module):
+class _Packed(nn.Module):
+    """A module holding a PackedWeight `pw` (and maybe a plain-tensor `bias`): .to(device) moves them too."""
+
+    def _apply(self, fn, recurse=True):
+        self.pw = _moved(self.pw, fn)
+        if getattr(self, "bias", None) is not None:
+            self.bias = fn(self.bias)
+        return super()._apply(fn, recurse)
+
+
+class PackedLinear(_Packed):
     """y = x·Ŵᵀ + b from packed codes."""
 
     def __init__(self, pw: PackedWeight, bias: torch.Tensor | None):
@@ -278,17 +288,11 @@ class PackedLinear(nn.Module):
         y = packed_matmul(x, self.pw)
         return y if self.bias is None else y + self.bias
 
-    def _apply(self, fn, recurse=True):  # .to(device) moves the packed arrays too
-        self.pw = _moved(self.pw, fn)
-        if self.bias is not None:
-            self.bias = fn(self.bias)
-        return super()._apply(fn, recurse)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.pw.bits}-bit"
 
 
-class PackedEmbedding(nn.Module):
+class PackedEmbedding(_Packed):
     """Rows of Ŵ looked up by index, dequantised from the packed codes (only the rows asked for)."""
 
     def __init__(self, pw: PackedWeight, padding_idx: int | None):
@@ -301,12 +305,9 @@ class PackedEmbedding(nn.Module):
         rows = dequantize_rows(self.pw, ids.reshape(-1))
         return rows.reshape(*ids.shape, self.embedding_dim)
 
-    def _apply(self, fn, recurse=True):
-        self.pw = _moved(self.pw, fn)
-        return super()._apply(fn, recurse)
 
 
-class PackedConv(nn.Module):
+class PackedConv(_Packed):
     """A Conv1d/2d/3d whose weight stays packed: for each call one pass of the kernel rebuilds Ŵ (transient, as a
     tile of PackedLinear's is), then the float convolution runs. The reference QConv rebuilds it in a dozen
     PyTorch operations, which costs more than a small convolution itself."""
@@ -323,12 +324,6 @@ class PackedConv(nn.Module):
         w = full_weight(self.pw).view(self.weight_shape).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return self.op(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def _apply(self, fn, recurse=True):
-        self.pw = _moved(self.pw, fn)
-        if self.bias is not None:
-            self.bias = fn(self.bias)
-        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight_shape}, packed={self.pw.bits}-bit"
