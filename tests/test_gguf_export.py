@@ -247,14 +247,16 @@ def test_refit_tolerance_picks_the_type(tmp_path, compressed):
 
 
 def test_refits_without_input_statistics_still_export(tmp_path, compressed, monkeypatch):
-    """No tokenizer to make calibration windows from (the source model is gone): the refits round unweighted
-    and the report says so; statistics that are not finite are dropped the same way."""
+    """No tokenizer to make calibration windows from (a file written before squash stored tokenizers, its
+    source model gone): the refits round unweighted and the report says so; statistics that are not finite are
+    dropped the same way."""
     import squash.io.gguf_export as ge
 
     path = tmp_path / "m.squash"
     save(compressed("int4-outliers"), path)
     small = load_squash(path)
     small.source = {**small.source, "name": str(tmp_path / "moved-away")}
+    small.assets = {}
     report = export_gguf(small, tmp_path / "a.gguf")
     assert any(n.startswith("refits are unweighted: no input statistics") for n in report["notes"])
     assert not any("weighted by their inputs" in n for n in report["notes"])

@@ -18,11 +18,12 @@ from squash.data import calibration_text, paragraphs
 
 
 class HessianHook:
-    """Accumulates H = Σ xᵀx over the inputs of one Linear layer. Layers fed the same tensor (q, k, v; gate, up)
-    share one product through `shared`, which remembers the last input seen."""
+    """Accumulates H = Σ xᵀx over the inputs of one linear layer (any layer of a linear form: its input's last
+    dimension is the weight's columns). Layers fed the same tensor (q, k, v; gate, up) share one product
+    through `shared`, which remembers the last input seen."""
 
-    def __init__(self, layer: nn.Linear, shared: dict):
-        self.h = torch.zeros(layer.in_features, layer.in_features)
+    def __init__(self, layer: nn.Module, shared: dict):
+        self.h = None  # (in, in), sized by the first input
         self.tokens = 0
         self.shared = shared
         self.handle = layer.register_forward_pre_hook(self)
@@ -32,7 +33,7 @@ class HessianHook:
         if self.shared.get("x") is not x:  # holding x keeps its identity from being reused by another tensor
             flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
             self.shared.update(x=x, xtx=flat.T @ flat)
-        self.h += self.shared["xtx"]
+        self.h = self.shared["xtx"].clone() if self.h is None else self.h.add_(self.shared["xtx"])
         self.tokens += x.numel() // x.shape[-1]
 
     def remove(self) -> torch.Tensor:
@@ -104,9 +105,12 @@ def block_inputs(module: nn.Module, first: nn.Module, batches: list[dict]) -> li
 
 @torch.inference_mode()
 def hessians(run: Callable[[], None], layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """H of each Linear in `layers` while `run()` feeds calibration data through them."""
+    """H of each linear layer in `layers` while `run()` feeds calibration data through them."""
+    from squash.layers import Form, layer_form
+
     shared: dict = {}
-    hooks = {name: HessianHook(m, shared) for name, m in layers.items() if isinstance(m, nn.Linear)}
+    hooks = {name: HessianHook(m, shared) for name, m in layers.items()
+             if isinstance(form := layer_form(m), Form) and form.linear}
     try:
         run()
     finally:

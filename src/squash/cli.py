@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from squash.errors import SquashError
+from squash.errors import QualityError, SquashError
 
 out = Console()
 err = Console(stderr=True)
@@ -69,6 +69,7 @@ def cmd_models(args) -> int:
 
 def cmd_compress(args) -> int:
     from squash import compress, evaluate, load, load_recipe, save
+    from squash.eval.guard import refusal
 
     recipe = load_recipe(args.recipe)  # validate everything before the slow part
     output = Path(args.output) if args.output else Path(f"{Path(str(args.model)).stem}-{recipe.name}.squash")
@@ -81,17 +82,25 @@ def cmd_compress(args) -> int:
         small = compress(model, recipe, progress=cb, checkpoint=checkpoint)
     with progress_bar("evaluating", args.json) as cb:
         report = evaluate(small, model, _eval_size(args), progress=cb)
+    refused = refusal(report, small)
+    if refused and not args.force:
+        report["file"], report["file_bytes"] = None, 0
+        _print_report(report, args.json)
+        raise QualityError(f"{refused}; nothing written (--force writes it anyway)")
     save(small, output)  # last: a run that fails leaves no file behind
     if small.recipe.get("finetune_result"):
         report["finetune"] = small.recipe["finetune_result"]
     report["file"] = str(output)
     report["file_bytes"] = output.stat().st_size
     _print_report(report, args.json)
+    if refused:
+        err.print(Text("warning: ", style="yellow") + Text(f"{refused}; written because of --force"))
     return 0
 
 
 def cmd_eval(args) -> int:
     from squash import evaluate, load, load_squash
+    from squash.eval.guard import refusal
 
     small = load_squash(args.file)
     against = args.against or small.source.get("name")
@@ -107,6 +116,9 @@ def cmd_eval(args) -> int:
     report["file"] = str(args.file)
     report["file_bytes"] = Path(args.file).stat().st_size
     _print_report(report, args.json)
+    refused = refusal(report, small)
+    if refused:
+        raise QualityError(refused)
     return 0
 
 
@@ -120,9 +132,12 @@ def cmd_inspect(args) -> int:
     for alias, target in header["tied"].items():
         rows.append({"name": alias, "shape": None, "encoding": f"tied to {target}", "bits_per_weight": None,
                      "bytes": 0, "sqnr_db": None})
+    layers = header.get("layers", {})
+    left_float = {n: why.removeprefix("float: ") for n, why in layers.items() if why.startswith("float")}
     if args.json:
         print(json.dumps({"header": {k: header[k] for k in ("format_version", "squash_version", "source", "recipe")},
-                          "tensors": rows, "float": header["float"]}, indent=2))
+                          "tensors": rows, "float": header["float"], "layers": layers,
+                          "assets": sorted(header.get("assets", {}))}, indent=2))
         return 0
     out.print(Text(f"{args.file}  format {header['format_version']}, squash {header.get('squash_version')}, "
                    f"recipe {(header['recipe'] or {}).get('name')}, from {header['source'].get('name')} "
@@ -137,6 +152,13 @@ def cmd_inspect(args) -> int:
     out.print(table)
     kept = header["float"]
     out.print(Text(f"float tensors kept: {len(kept)} ({', '.join(map(str, kept[:4]))}{', …' if len(kept) > 4 else ''})"))
+    if layers:
+        done = sum(why.startswith("compressed") for why in layers.values())
+        out.print(Text(f"layers: {done} compressed, {len(left_float)} left float"))
+        for name, why in left_float.items():
+            out.print(Text(f"  float  {name}: {why}"))
+    if header.get("assets"):
+        out.print(Text(f"stored with it: {', '.join(sorted(header['assets']))}"))
     return 0
 
 
@@ -338,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="the .squash file to write (default: MODEL-RECIPE.squash here)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--quick", action="store_true", help="evaluate on a small slice of the evaluation data")
+    s.add_argument("--force", action="store_true", help="write the file even when the guard finds the compressed "
+                   "model broken (see the README's guard section)")
     s.add_argument("--checkpoint", help="fine-tune checkpoint to resume from and write to "
                    "(default: .OUTPUT.finetune beside the output; removed when the run finishes)")
     s.set_defaults(func=cmd_compress)
@@ -395,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         err.print(Text("error: ", style="red") + Text(str(e)), highlight=False, soft_wrap=True)
-        return 2
+        return 3 if isinstance(e, QualityError) else 2
     except OSError as e:  # a folder that cannot be written, a disk that is full
         if args.debug:
             raise

@@ -11,3 +11,7 @@ class RecipeError(SquashError, ValueError):
 
 class FormatError(SquashError):
     """A file that is missing, truncated, corrupt, or of an unsupported format or version."""
+
+
+class QualityError(SquashError):
+    """A compressed model the guard refuses (squash.eval.guard): broken past what anyone would accept."""

@@ -44,6 +44,9 @@ class Model:
     tied:      parameter name → the name it shares storage with
     recipe:    the recipe that produced it, as a dict
     runtime:   layer name → "packed 8-bit" / "reference: why" when loaded by runtime.packed.load_packed
+    layers:    every layer → "compressed (form)" or "float: why" (recipe.survey), for a compressed model
+    assets:    files the model needs to run, by name (the tokenizer's files, generation_config.json): stored in
+               the .squash file so that loading it never needs the source model
     """
 
     module: nn.Module
@@ -56,6 +59,8 @@ class Model:
     tied: dict = field(default_factory=dict)
     recipe: dict | None = None
     runtime: dict = field(default_factory=dict)  # layer → how it runs, when loaded for running (load_packed)
+    layers: dict = field(default_factory=dict)
+    assets: dict = field(default_factory=dict)
 
     @property
     def compressed(self) -> bool:
@@ -114,8 +119,13 @@ def _quiet_transformers() -> None:
 
 
 def _kind_of_hf_config(config) -> str:
+    """causal-lm when the saved architecture is one transformers lists as a causal LM (LlamaForCausalLM,
+    GPT2LMHeadModel, …), else encoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    lm_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     archs = getattr(config, "architectures", None) or []
-    return "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) else "encoder"
+    return "causal-lm" if any(a in lm_classes or a.endswith("ForCausalLM") for a in archs) else "encoder"
 
 
 def load_hf_dir(path: Path, name: str | None = None) -> Model:
@@ -335,13 +345,46 @@ def _resized(module: nn.Module, config: dict) -> nn.Module:
     return module
 
 
+def tokenizer_files(tokenizer, module: nn.Module | None = None) -> dict[str, bytes]:
+    """The files that rebuild a tokenizer (tokenizer.json, its config, the chat template) and the model's
+    generation config, by file name, as transformers writes them."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        gen = getattr(module, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            if f.is_file():
+                out[f.name] = f.read_bytes()
+    return out
+
+
+def tokenizer_from_files(files: dict[str, bytes]):
+    """A tokenizer rebuilt offline from tokenizer_files' output."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / Path(name).name).write_bytes(data)
+        try:
+            return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise FormatError(f"the tokenizer stored in the file cannot be rebuilt ({_first_line(e)})") from e
+
+
 def tokenizer_for(model: Model):
-    """The tokenizer of a compressed model comes from its float source (a bundled name or a path)."""
+    """The tokenizer of a compressed model: the one stored in its file, else its float source's (a bundled
+    name or a path; files written before squash stored tokenizers)."""
     if model.tokenizer is not None:
         return model.tokenizer
     name = model.source.get("name", "")
     if model.kind not in ("causal-lm", "encoder"):
         return None
+    if any(n.startswith("tokenizer") for n in model.assets):
+        model.tokenizer = tokenizer_from_files(model.assets)
+        return model.tokenizer
     try:
         model.tokenizer = load(name).tokenizer
     except SquashError as e:

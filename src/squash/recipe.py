@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from squash.errors import RecipeError, SquashError
+from squash.layers import Form, layer_form, layer_weight, matrix_of
 from squash.models import Model
-from squash.runtime.modules import TARGET_TYPES, CompressedWeight, compressed_module
+from squash.runtime.modules import CompressedWeight, compressed_module
 from squash.steps import STEPS
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
@@ -185,18 +186,40 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 # ---------------------------------------------------------------- walking the model
 
 
-def target_weights(module: nn.Module, exclude: tuple[str, ...] = (), min_weights: int = 0) -> list[tuple[str, nn.Module]]:
-    """(module name, module) for every Linear, Conv and Embedding not excluded nor smaller than min_weights."""
+def survey(module: nn.Module, exclude: tuple[str, ...] = (), min_weights: int = 0
+           ) -> tuple[list[tuple[str, nn.Module, Form]], dict[str, str]]:
+    """Every layer of the model (a module owning a floating weight of ≥ 2 dimensions, squash.layers), found
+    from the module graph: (name, module, form) for those to compress, and {name: why it stays float} for the
+    rest, so nothing is skipped silently. Weights that no layer owns as `weight` (an attention's packed
+    in_proj_weight, a class token) are listed with their reason too."""
     names = {n for n, _ in module.named_modules()}
     for e in exclude:
         if e not in names:
             raise SquashError(f"exclude names {e!r}, which is not a module of this model; see `squash inspect`")
-    out = []
+    targets, skipped, owned = [], {}, set()
     for name, m in module.named_modules():
-        if (isinstance(m, TARGET_TYPES) and not any(matches(name, e) for e in exclude)
-                and m.weight.numel() >= min_weights):
-            out.append((name, m))
-    return out
+        w = layer_weight(m)
+        if w is None:
+            continue
+        owned.add(id(w))
+        form = layer_form(m)
+        if isinstance(form, str):
+            skipped[name] = form
+        elif any(matches(name, e) for e in exclude):
+            skipped[name] = "excluded by the recipe"
+        elif w.numel() < min_weights:
+            skipped[name] = f"{w.numel():,} weights, under the recipe's min_weights = {min_weights:,}"
+        else:
+            targets.append((name, m, form))
+    for name, p in module.named_parameters():
+        if p.dim() >= 2 and p.dtype.is_floating_point and id(p) not in owned:
+            skipped[name] = "a parameter that is not a layer's weight (squash compresses layer weights only)"
+    return targets, skipped
+
+
+def target_weights(module: nn.Module, exclude: tuple[str, ...] = (), min_weights: int = 0) -> list[tuple[str, nn.Module]]:
+    """(module name, module) for every layer to compress (see survey)."""
+    return [(name, m) for name, m, _ in survey(module, exclude, min_weights)[0]]
 
 
 def check_finite(module: nn.Module) -> None:
@@ -233,13 +256,17 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         batches = calib if calib is not None else calibration_batches(model)
         shapes = prune_channels(module, channels, run=lambda: [module(**b) for b in batches])
         config["resized"] = {**config.get("resized", {}), **shapes}
-    targets = target_weights(module, recipe.exclude, recipe.min_weights)
+    found, skipped = survey(module, recipe.exclude, recipe.min_weights)
+    forms = {name: form for name, _, form in found}
+    targets = [(name, m) for name, m, _ in found]
     for rule in recipe.layers:
         if not any(matches(n, rule.match) for n, _ in targets):
             raise SquashError(f"layers rule match = {rule.match!r} names no compressible module of this model; "
                               "see `squash inspect` for the names")
     if not targets:
-        raise SquashError(f"{model.name} has no Linear, Conv or Embedding layer to compress")
+        raise SquashError(f"{model.name} has no layer to compress (" + (
+            "; ".join(f"{n}: {why}" for n, why in list(skipped.items())[:3]) or "no weight of two or more dimensions")
+            + ")")
     groups: dict[int, list[tuple[str, nn.Module]]] = {}  # tied layers share one weight: one group
     for name, m in targets:
         groups.setdefault(id(m.weight), []).append((name, m))
@@ -252,7 +279,8 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         first_name, first = members[0]
         # a tied group takes the Hessian of its Linear member (an output head tied to the token embedding)
         h = next((hessian[n] for n, _ in members if n in hessian), None)
-        w = first.weight.data
+        form = forms[first_name]
+        w = matrix_of(first.weight.data, form)  # rows are output channels
         ct = None
         for step in recipe.steps_for([n for n, _ in members]):
             if step.name == "prune" and not step.embeddings and any(isinstance(m, nn.Embedding) for _, m in members):
@@ -264,17 +292,21 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
                 continue  # nothing stored compressed in this layer (an embedding a prune-only recipe skips)
             ct = step(w, ct, h)
         if ct is None:  # every step skipped this layer: it stays float
+            for name, _ in members:
+                skipped[name] = "no step of the recipe applies to it"
             done.append(key)
             return
-        if tuple(w.shape) != tuple(model.module.get_parameter(f"{first_name}.weight").shape):
+        if tuple(w.shape) != tuple(matrix_of(model.module.get_parameter(f"{first_name}.weight"), form).shape):
             shrunk[f"{first_name}.weight"] = w  # structured pruning changed it: the float weight it stands for
         ct.extra["sqnr_db"] = sqnr_db(w, ct.dequantize())
+        if form.kind != "linear":
+            ct.extra["form"] = form.to_dict()
         weight = CompressedWeight(ct)
         tensors[f"{first_name}.weight"] = ct
         for name, m in members:
             if name != first_name:
                 tied[f"{name}.weight"] = f"{first_name}.weight"
-            _set_module(module, name, compressed_module(m, weight))
+            _set_module(module, name, compressed_module(m, weight, forms[name]))
         done.append(key)
         if progress:
             progress(len(done), len(groups), f"{first_name}.weight")
@@ -284,9 +316,11 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
             apply(key, {})
     else:
         _compress_calibrated(model, module, groups, calib, apply)
+    layers = {name: f"compressed ({forms[name].kind})" for name, _ in targets if name not in skipped}
+    layers.update({name: f"float: {why}" for name, why in skipped.items()})
     out = Model(module=module.eval(), kind=model.kind, name=model.name, config=config,
                 tokenizer=model.tokenizer, source=dict(model.source), tensors=tensors, tied=tied,
-                recipe=recipe.to_dict())
+                recipe=recipe.to_dict(), layers=layers, assets=dict(model.assets))
     tune = recipe.model_step("finetune")
     if tune is not None:
         from squash.steps.finetune import finetune
@@ -294,7 +328,7 @@ def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None 
         out.recipe["finetune_result"] = finetune(out, model, tune, progress, checkpoint)
         for name, ct in out.tensors.items():
             w = shrunk.get(name, None)
-            ct.extra["sqnr_db"] = sqnr_db(model.module.get_parameter(name) if w is None else w, ct.dequantize())
+            ct.extra["sqnr_db"] = sqnr_db(float_matrix(model.module, name, ct) if w is None else w, ct.dequantize())
     return out
 
 
@@ -367,6 +401,12 @@ def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tu
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def float_matrix(module: nn.Module, name: str, ct) -> torch.Tensor:
+    """The float weight `name` of `module` as the compressed tensor `ct` stores it (rows = output channels)."""
+    w = module.get_parameter(name)
+    return w.T if ct.extra.get("form", {}).get("kind") == "linear_t" else w
 
 
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float | None:

@@ -42,6 +42,10 @@ def evaluate(model: Model, reference: Model, size: EvalSize = EvalSize(), repeat
         report["quality"] = encoder_quality(model.module, reference.module, tokenizer, size, progress)
     elif model.kind == "classifier":
         report["quality"] = classifier_quality(model.module, reference.module)
+    from squash.eval.guard import layer_inputs, layer_table
+
+    report["layers"] = layer_table(model, reference, layer_inputs(model, tokenizer))
+    report["layers_float"] = {n: why.removeprefix("float: ") for n, why in model.layers.items() if why.startswith("float")}
     report["latency"] = latency(model, reference, tokenizer, repeats)
     return report
 

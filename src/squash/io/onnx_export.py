@@ -238,9 +238,11 @@ class _EmbeddingStub(nn.Module):
         super().__init__()
         self.ct = q.weight_q.ct
         self.squash_w = nn.Parameter(self.ct.dequantize(torch.float32), requires_grad=False)
+        self.scale = q.scale  # the layer's constant row factor (Gemma's √hidden), 1 for most models
 
     def forward(self, ids):
-        return F.embedding(ids, self.squash_w)
+        rows = F.embedding(ids, self.squash_w)
+        return rows if self.scale == 1.0 else rows * self.scale
 
 
 def _install_stubs(wrapper: nn.Module) -> dict:

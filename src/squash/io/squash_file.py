@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +23,16 @@ from torch import nn
 from squash import __version__
 from squash.errors import FormatError, SquashError
 from squash.entropy import CodedStream, coded_streams, decode, nibbles_to_mask
-from squash.models import KINDS, Model, rebuild
+from squash.layers import Form, layer_form
+from squash.models import KINDS, Model, rebuild, tokenizer_files
 from squash.packing import pack_codes, packed_size, unpack_codes
 from squash.recipe import _set_module, float_state
-from squash.runtime.modules import TARGET_TYPES, CompressedWeight, compressed_module
+from squash.runtime.modules import CompressedWeight, compressed_module
 from squash.tensor import CompressedTensor, matrix_shape
 
 FORMAT_VERSION = 2  # 2: masks, pruned values, per-row grids, entropy-coded streams
 MAGIC = "squash"
+ASSET_PREFIX = "__asset__/"  # files the model needs to run (its tokenizer), stored as uint8 arrays
 
 
 def arrays_of(model: Model) -> tuple[dict[str, torch.Tensor], dict]:
@@ -46,6 +49,10 @@ def arrays_of(model: Model) -> tuple[dict[str, torch.Tensor], dict]:
     state, aliases = float_state(model.module)
     for name, t in state.items():
         arrays[name] = t.detach().contiguous()
+    assets = model.assets or (tokenizer_files(model.tokenizer, model.module) if model.kind in ("causal-lm", "encoder")
+                              else {})
+    for name, data in assets.items():  # zlib: a tokenizer.json of 262k tokens is 33 MB of text, 7 MB coded
+        arrays[ASSET_PREFIX + name] = torch.frombuffer(bytearray(zlib.compress(data, 6)), dtype=torch.uint8)
     header = {
         "format": MAGIC,
         "format_version": FORMAT_VERSION,
@@ -57,6 +64,8 @@ def arrays_of(model: Model) -> tuple[dict[str, torch.Tensor], dict]:
         "tied": model.tied,
         "float": sorted(state),
         "float_aliases": aliases,
+        "layers": model.layers,
+        "assets": {name: "zlib" for name in sorted(assets)},
         "arrays_sha256": _digest(arrays),
     }
     return arrays, header
@@ -172,8 +181,11 @@ def _header_problem(h: dict) -> str | None:
     if not (isinstance(resized, dict) and all(isinstance(v, list) and len(v) >= 2 and all(
             isinstance(d, int) and d > 0 for d in v) for v in resized.values())):
         return "model.config.resized must map layer names to weight shapes"
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in {**h["tied"], **h["float_aliases"]}.items()):
-        return "tied and float_aliases must map names to names"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in
+               {**h["tied"], **h["float_aliases"], **h.get("layers", {})}.items()):
+        return "tied, float_aliases and layers must map names to names"
+    if not (isinstance(h.get("assets", {}), dict) and all(v == "zlib" for v in h.get("assets", {}).values())):
+        return "assets must map file names to their encoding (zlib)"
     return None
 
 
@@ -211,9 +223,16 @@ def _assemble(header: dict, arrays: dict[str, torch.Tensor], module: nn.Module |
             original = module.get_submodule(mod_name)
         except AttributeError:
             raise FormatError(f"the file holds a weight for layer {mod_name!r}, which the model does not have") from None
-        if not isinstance(original, TARGET_TYPES):
-            raise FormatError(f"layer {mod_name!r} is a {type(original).__name__}, which squash cannot hold compressed")
-        _set_module(module, mod_name, compressed_module(original, weights[target]))
+        form = layer_form(original)
+        stored = header["tensors"][target].get("extra", {}).get("form")  # absent: a plain layer (or an older file)
+        if not isinstance(form, Form):
+            raise FormatError(f"layer {mod_name!r} is a {type(original).__name__}, which squash cannot hold "
+                              f"compressed ({form})")
+        tied_pair = name != target and {form.kind, stored.get("kind") if stored else "linear"} <= {"linear", "embedding"}
+        if isinstance(stored, dict) and form.kind != stored.get("kind") and not tied_pair:
+            raise FormatError(f"layer {mod_name!r} is held as {stored.get('kind')} in the file but the model's "
+                              f"{type(original).__name__} computes a {form.kind} layer")
+        _set_module(module, mod_name, compressed_module(original, weights[target], form))
     state = {name: arrays[name] for name in header["float"]}
     for alias, stored in header["float_aliases"].items():
         state[alias] = state[stored]
@@ -224,8 +243,25 @@ def _assemble(header: dict, arrays: dict[str, torch.Tensor], module: nn.Module |
     for p in module.parameters():
         p.requires_grad_(False)
     m = header["model"]
+    assets = {name: _inflate(name, arrays[ASSET_PREFIX + name]) for name in header.get("assets", {})}
     return Model(module=module.eval(), kind=kind, name=m["name"], config=m["config"], source=header["source"],
-                 tensors=tensors, tied=dict(header["tied"]), recipe=header["recipe"])
+                 tensors=tensors, tied=dict(header["tied"]), recipe=header["recipe"],
+                 layers=dict(header.get("layers", {})), assets=assets)
+
+
+MAX_ASSET_BYTES = 1 << 28
+
+
+def _inflate(name: str, coded: torch.Tensor) -> bytes:
+    """A stored asset decoded, refusing one that would inflate past MAX_ASSET_BYTES (a zlib bomb)."""
+    d = zlib.decompressobj()
+    try:
+        data = d.decompress(coded.numpy().tobytes(), MAX_ASSET_BYTES)
+    except zlib.error as e:
+        raise FormatError(f"the stored file {name!r} cannot be decoded ({e})") from e
+    if d.unconsumed_tail or not d.eof:
+        raise FormatError(f"the stored file {name!r} is truncated or larger than {MAX_ASSET_BYTES >> 20} MB")
+    return data
 
 
 def _encoding(ct: CompressedTensor) -> str:

@@ -81,39 +81,70 @@ class Timing:
 
 
 class Decoder:
-    """Batch-1 LLaMA inference over a transformers LlamaForCausalLM's (possibly compressed) modules."""
+    """Batch-1 inference over a transformers decoder's (possibly compressed) modules: the LLaMA family and its
+    relatives, read from the module graph rather than a list of names of architectures.
+
+    What varies between them, and where it is read from:
+      norms       RMSNorm gains g, or Gemma's (1 + w), found by probing each norm module (norm_gain)
+      post-norms  Gemma 2/3 norm the attention and MLP outputs too (post_attention_layernorm applied to the
+                  attention output when pre_feedforward_layernorm exists)
+      q/k norms   Qwen3, Gemma 3: an RMSNorm over each head of q and k before rope
+      scale       the attention module's own `scaling` (Gemma: query_pre_attn_scalar^−½)
+      soft-cap    Gemma 2: scores = c·tanh(scores / c); final logits likewise
+      windows     sliding-window layers attend to the last `sliding_window` positions only (Mistral, Gemma)
+      rope        one θ per layer type (Gemma 3: 10⁴ local, 10⁶ global); scaled rope types are refused
+      MLP         the MLP's own activation (SiLU, tanh-GELU), gate and up fused (Phi-3 stores them fused)
+    Plain LLaMA-style models (none of the above) take squash's fused C++ steps; the rest the PyTorch path.
+    """
 
     def __init__(self, module: nn.Module, max_len: int = 2048):
-        cfg = module.config
-        if getattr(cfg, "model_type", None) not in ("llama", "mistral", "qwen2") or not hasattr(module, "model"):
-            raise SquashError("the fast decoder runs LLaMA-style models (llama, mistral, qwen2)")
-        m = module.model
+        cfg = getattr(module, "config", None)
+        m = getattr(module, "model", None)
+        if cfg is None or m is None or not hasattr(m, "layers") or not hasattr(module, "lm_head"):
+            raise SquashError("the fast decoder runs decoder-only transformers with model.layers and lm_head "
+                              "(LLaMA, Mistral, Qwen, Gemma, Phi-3)")
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
-        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise SquashError(f"rope type {rope.get('rope_type')!r} is not supported by the fast decoder")
-        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         self.embed = m.embed_tokens
         self.lm_head = module.lm_head
-        self.norm = m.norm.weight.float()
+        self.norm = norm_gain(m.norm)
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        thetas = _rope_thetas(cfg)
         self.layers = []
-        for layer in m.layers:
+        for i, layer in enumerate(m.layers):
             a, f = layer.self_attn, layer.mlp
+            if not hasattr(layer, "input_layernorm") or not hasattr(a, "o_proj") or not hasattr(f, "down_proj"):
+                raise SquashError(f"layer {i} is not a pre-norm attention + gated MLP block the decoder knows")
+            gemma_style = hasattr(layer, "pre_feedforward_layernorm")
+            kind = (getattr(cfg, "layer_types", None) or ["full_attention"] * len(m.layers))[i]
+            window = getattr(a, "sliding_window", None) or (getattr(cfg, "sliding_window", None)
+                                                            if kind == "sliding_attention" or cfg.model_type == "mistral"
+                                                            else None)
+            qkv = a.qkv_proj if hasattr(a, "qkv_proj") else fuse([a.q_proj, a.k_proj, a.v_proj])
+            gate_up = f.gate_up_proj if hasattr(f, "gate_up_proj") else fuse([f.gate_proj, f.up_proj])
             self.layers.append(dict(
-                n1=layer.input_layernorm.weight.float(), n2=layer.post_attention_layernorm.weight.float(),
-                qkv=fuse([a.q_proj, a.k_proj, a.v_proj]), o=a.o_proj,
-                gate_up=fuse([f.gate_proj, f.up_proj]), down=f.down_proj))
+                n1=norm_gain(layer.input_layernorm),
+                n2=norm_gain(layer.pre_feedforward_layernorm if gemma_style else layer.post_attention_layernorm),
+                post_attn=norm_gain(layer.post_attention_layernorm) if gemma_style else None,
+                post_mlp=norm_gain(layer.post_feedforward_layernorm) if gemma_style else None,
+                q_norm=norm_gain(a.q_norm) if hasattr(a, "q_norm") else None,
+                k_norm=norm_gain(a.k_norm) if hasattr(a, "k_norm") else None,
+                scaling=float(getattr(a, "scaling", self.head_dim ** -0.5)),
+                softcap=getattr(a, "attn_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None),
+                window=window, theta=thetas[kind], act=getattr(f, "act_fn", None) or f.activation_fn,
+                qkv=qkv, o=a.o_proj, gate_up=gate_up, down=f.down_proj))
         self.max_len = max_len
-        inv = 1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
-        ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)  # (max_len, D/2)
-        # rope(x) = x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁] = roll(x, D/2)·[−1…, +1…]: the sign
-        # is folded into sin so rope is one roll, two products and a sum
-        self.cos = torch.cat([ang.cos()] * 2, -1)  # (max_len, D)
-        self.sin = torch.cat([-ang.sin(), ang.sin()], -1)
+        self.rope = {theta: _rope_tables(theta, self.head_dim, max_len) for theta in set(thetas.values())}
+        self.cos, self.sin = self.rope[self.layers[0]["theta"]]
         self.k_cache = self.v_cache = torch.zeros(len(self.layers), self.n_kv, 0, self.head_dim)  # grown on demand
-        self.inter = f.gate_proj.out_features
+        self.inter = cfg.intermediate_size
+        self.embed_factor = _embed_factor(module, self.embed)
+        # squash's fused C++ steps implement plain LLaMA: RMSNorm gains, SiLU, 1/√D, one θ, no windows
+        self.plain = (all(L["post_attn"] is None and L["q_norm"] is None and L["softcap"] is None and L["window"] is None
+                          and _is_silu(L["act"]) and abs(L["scaling"] * math.sqrt(self.head_dim) - 1) < 1e-6
+                          for L in self.layers)
+                      and len(self.rope) == 1 and self.final_softcap is None and self.embed_factor == 1.0)
 
     def _grow(self, need: int) -> None:
         """Room for `need` positions (doubling, at most max_len): the cache is sized by the text, not the limit."""
@@ -124,10 +155,6 @@ class Decoder:
     def _rms(self, h, g):
         return F.rms_norm(h, g.shape, g, self.eps)  # h · rsqrt(mean(h²) + ε) · g
 
-    def _rope(self, x, pos: int):  # x (T, heads, D)
-        T = x.shape[0]
-        cos, sin = self.cos[pos:pos + T, None], self.sin[pos:pos + T, None]  # (T, 1, D)
-        return x * cos + x.roll(self.head_dim // 2, -1) * sin
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True, fused: bool = True) -> torch.Tensor:
@@ -139,8 +166,9 @@ class Decoder:
             raise SquashError(f"context of {pos + T} tokens exceeds the decoder's {self.max_len}")
         if pos + T > self.k_cache.shape[2]:
             self._grow(pos + T)
-        ext = _fused_ops() if fused else None
-        h = self.embed(ids).float().contiguous()  # (T, C)
+        ext = _fused_ops() if fused and self.plain else None
+        h = self.embed(ids).float()  # (T, C)  (an embedding module applies its own row scale)
+        h = (h if self.embed_factor == 1.0 else h * self.embed_factor).contiguous()  # Gemma 2 scales in the model
         if ext is None:
             return self._forward_torch(h, pos, last_only)
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
@@ -170,18 +198,30 @@ class Decoder:
         for i, L in enumerate(self.layers):
             x = self._rms(h, L["n1"])
             qkv = _linear(L["qkv"], x).view(T, H + 2 * Hkv, D)  # (T, H + 2·Hkv, D)
-            qk = self._rope(qkv[:, :H + Hkv], pos)  # q and k rotated together
+            q, k = qkv[:, :H], qkv[:, H:H + Hkv]
+            if L["q_norm"] is not None:  # per-head RMSNorm of q and k (Qwen3, Gemma 3)
+                q, k = self._rms(q, L["q_norm"]), self._rms(k, L["k_norm"])
+            cos, sin = self.rope[L["theta"]]
+            qk = _rope(torch.cat([q, k], 1), cos, sin, pos, D)  # q and k rotated together
             q, k = qk[:, :H].transpose(0, 1), qk[:, H:].transpose(0, 1)  # (H, T, D), (Hkv, T, D)
             self.k_cache[i, :, pos:pos + T] = k
             self.v_cache[i, :, pos:pos + T] = qkv[:, H + Hkv:].transpose(0, 1)
             K, V = self.k_cache[i, :, :pos + T], self.v_cache[i, :, :pos + T]  # (Hkv, S, D)
-            att = _attention(q.contiguous(), K, V, T, pos)  # (H, T, D)
-            h = h + _linear(L["o"], att.transpose(0, 1).reshape(T, H * D))
+            if L["softcap"] is None and L["window"] is None and L["scaling"] == D ** -0.5:
+                att = _attention(q.contiguous(), K, V, T, pos)  # (H, T, D)
+            else:
+                att = _attention_general(q, K, V, T, pos, L["scaling"], L["softcap"], L["window"])
+            o = _linear(L["o"], att.transpose(0, 1).reshape(T, H * D))
+            h = h + (o if L["post_attn"] is None else self._rms(o, L["post_attn"]))
             x = self._rms(h, L["n2"])
             gate, up = _linear(L["gate_up"], x).split([self.inter, self.inter], dim=-1)
-            h = h + _linear(L["down"], F.silu(gate) * up)
+            down = _linear(L["down"], L["act"](gate) * up)
+            h = h + (down if L["post_mlp"] is None else self._rms(down, L["post_mlp"]))
         h = self._rms(h[-1:] if last_only else h, self.norm)
-        return _linear(self.lm_head, h).float()  # (1 or T, vocab)
+        logits = _linear(self.lm_head, h).float()  # (1 or T, vocab)
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, eos: int | None = None,
                  generator: torch.Generator | None = None, repetition_penalty: float = 1.0
@@ -215,6 +255,105 @@ class Decoder:
 
 
 _EMPTY = torch.empty(0)
+
+
+def norm_gain(norm: nn.Module) -> torch.Tensor:
+    """The gain g with norm(x) = x·rsqrt(mean(x²) + ε)·g, found by probing the module: its weight w (LLaMA)
+    or 1 + w (Gemma). A norm that is neither (a LayerNorm with a bias, mean subtraction) is refused."""
+    w = norm.weight.detach().float()
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = norm(x).float()
+    for g in (w, 1.0 + w):
+        want = F.rms_norm(x, g.shape, g, eps)
+        if torch.allclose(y, want, rtol=1e-4, atol=1e-5):
+            return g.contiguous()
+    raise SquashError(f"{type(norm).__name__} is not an RMSNorm the fast decoder knows (weight or 1 + weight)")
+
+
+def _is_silu(act) -> bool:
+    x = torch.linspace(-6, 6, 49)
+    with torch.no_grad():
+        return torch.allclose(act(x), F.silu(x), atol=1e-6)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _embed_factor(module: nn.Module, embed: nn.Module) -> float:
+    """c in (first block's input) = c·embed(ids), found by running the model up to its first block on four
+    tokens: 1 for most models, √hidden for Gemma 2, which scales in the model's forward rather than the
+    embedding. Anything else added before the first block (learned positions) is refused."""
+    seen = {}
+
+    def grab(_, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    ids = torch.arange(1, 5)[None] % module.config.vocab_size
+    handle = module.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            module(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    with torch.inference_mode():
+        e = embed(ids[0]).float()
+    h = seen["h"][0].float()
+    c = float((h * e).sum() / e.pow(2).sum().clamp(min=1e-30))
+    if not torch.allclose(h, c * e, rtol=1e-4, atol=1e-5 * float(h.abs().max())):
+        raise SquashError("the model adds more than a scale to its token embeddings before the first block")
+    return 1.0 if abs(c - 1.0) < 1e-6 else c
+
+
+def _rope_thetas(cfg) -> dict[str, float]:
+    """θ of rope per layer type; scaled rope types (linear, YaRN, longrope…) are refused."""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    per_type = rope if rope and all(isinstance(v, dict) for v in rope.values()) else {"full_attention": rope}
+    out = {}
+    for kind, params in per_type.items():
+        if params.get("rope_type", params.get("type", "default")) != "default":
+            raise SquashError(f"rope type {params.get('rope_type')!r} is not supported by the fast decoder")
+        if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+            raise SquashError("partial rotary embeddings are not supported by the fast decoder")
+        out[kind] = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    for kind in set(getattr(cfg, "layer_types", None) or []) | {"full_attention", "sliding_attention"}:
+        out.setdefault(kind, out.get("full_attention", next(iter(out.values()))))
+    return out
+
+
+def _rope_tables(theta: float, D: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, (max_len, D). rope(x) = x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁] =
+    roll(x, D/2)·[−1…, +1…]: the sign is folded into sin so rope is one roll, two products and a sum."""
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)  # (max_len, D/2)
+    return torch.cat([ang.cos()] * 2, -1), torch.cat([-ang.sin(), ang.sin()], -1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, D: int) -> torch.Tensor:
+    T = x.shape[0]  # x (T, heads, D)
+    return x * cos[pos:pos + T, None] + x.roll(D // 2, -1) * sin[pos:pos + T, None]
+
+
+def _attention_general(q, K, V, T: int, pos: int, scaling: float, softcap, window) -> torch.Tensor:
+    """softmax(cap(q·Kᵀ·scaling) + mask)·V, (H, T, D): soft-capped scores cap(s) = c·tanh(s/c) (Gemma 2) and a
+    sliding window (position t sees p with t − window < p ≤ t)."""
+    H, Hkv = q.shape[0], K.shape[0]
+    K, V = K.repeat_interleave(H // Hkv, 0), V.repeat_interleave(H // Hkv, 0)  # (H, S, D)
+    scores = (q @ K.transpose(1, 2)) * scaling  # (H, T, S)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    t = pos + torch.arange(T)[:, None]
+    p = torch.arange(pos + T)[None, :]
+    allowed = p <= t
+    if window:
+        allowed = allowed & (p > t - window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, -1) @ V
 
 
 ATTEND_UPTO = 8  # new tokens: up to here ext.attend (no buffers to allocate); beyond, PyTorch's flash attention

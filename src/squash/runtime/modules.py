@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from squash.errors import SquashError
+from squash.layers import Form
 from squash.tensor import CompressedTensor
 
 
@@ -48,6 +49,11 @@ class QLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.out_features, self.in_features = weight.ct.shape
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """Ŵ, for code that reads a layer's weight directly (nn.MultiheadAttention reads out_proj.weight)."""
+        return self.weight_q(torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_q.ct.extra.get("activation_bits"):
             x = quantize_activations(x, self.weight_q.ct.extra["activation_bits"])
@@ -66,26 +72,33 @@ def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class QEmbedding(nn.Module):
-    """Rows of Ŵ looked up by index; only the rows asked for are dequantized."""
+    """Rows of Ŵ looked up by index, times the layer's constant row scale c (Gemma's √hidden; usually 1);
+    only the rows asked for are dequantized."""
 
-    def __init__(self, weight: CompressedWeight, padding_idx: int | None):
+    def __init__(self, weight: CompressedWeight, padding_idx: int | None, scale: float = 1.0):
         super().__init__()
         self.weight_q = weight
         self.padding_idx = padding_idx
+        self.scale = scale
         self.num_embeddings, self.embedding_dim = weight.ct.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_q(torch.float32)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ct = self.weight_q.ct
         if (self.weight_q.trainable is not None or ct.block[0] != 1 or ct.codes is None or ct.u is not None
                 or ct.sparse_index is not None or ct.mask is not None or (ct.grid is not None and ct.grid.dim() == 2)):
             # training, scales shared across rows, or terms beyond codes: the whole table
-            return F.embedding(ids, self.weight_q(torch.float32), self.padding_idx)
-        flat = ids.reshape(-1)
-        rows = _dequantize_rows(ct, flat)  # (n, dim)
-        return rows.reshape(*ids.shape, self.embedding_dim)
+            rows = F.embedding(ids, self.weight_q(torch.float32), self.padding_idx)
+        else:
+            rows = _dequantize_rows(ct, ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)  # (…, dim)
+        return rows if self.scale == 1.0 else rows * self.scale
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.weight_q.ct.bits}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.weight_q.ct.bits}" + (
+            f", rows × {self.scale:.4g}" if self.scale != 1.0 else "")
 
 
 def _dequantize_rows(ct: CompressedTensor, rows: torch.Tensor) -> torch.Tensor:
@@ -111,19 +124,48 @@ class QConv(nn.Module):
             raise SquashError(f"conv padding_mode {conv.padding_mode!r} is not supported yet; exclude this layer")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_q(torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, self.weight_q(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def compressed_module(original: nn.Module, weight: CompressedWeight) -> nn.Module:
-    """The compressed stand-in for a Linear, Embedding or Conv module."""
-    if isinstance(original, nn.Linear):
-        return QLinear(weight, original.bias)
-    if isinstance(original, nn.Embedding):
-        return QEmbedding(weight, original.padding_idx)
-    if isinstance(original, nn.modules.conv._ConvNd) and not isinstance(original, nn.modules.conv._ConvTransposeNd):
+class QWrapped(nn.Module):
+    """Any other layer: its own forward, run with Ŵ in place of its weight (torch.func.functional_call).
+    The float weight is gone from `inner`; everything else it holds stays as it was."""
+
+    def __init__(self, weight: CompressedWeight, inner: nn.Module):
+        super().__init__()
+        self.weight_q = weight
+        del inner._parameters["weight"]
+        self.inner = inner
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_q(torch.float32).reshape(self.weight_q.ct.shape)
+
+    def forward(self, *args, **kwargs):
+        from torch.func import functional_call
+
+        return functional_call(self.inner, {"weight": self.weight}, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.inner).__name__} with bits={self.weight_q.ct.bits}"
+
+
+def compressed_module(original: nn.Module, weight: CompressedWeight, form: Form) -> nn.Module:
+    """The compressed stand-in for a layer of the given form (squash.layers)."""
+    if form.linear:
+        return QLinear(weight, original._parameters.get("bias"))
+    if form.kind == "embedding":
+        return QEmbedding(weight, getattr(original, "padding_idx", None), form.scale)
+    if form.kind == "conv":
         return QConv(weight, original.bias, original)
-    raise TypeError(f"no compressed stand-in for {type(original).__name__}")
+    if form.kind == "wrapped":
+        return QWrapped(weight, original)
+    raise TypeError(f"no compressed stand-in for a {form.kind} layer ({type(original).__name__})")
 
 
-TARGET_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+STAND_INS = (QLinear, QEmbedding, QConv, QWrapped)

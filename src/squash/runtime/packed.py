@@ -293,18 +293,19 @@ class PackedLinear(_Packed):
 
 
 class PackedEmbedding(_Packed):
-    """Rows of Ŵ looked up by index, dequantised from the packed codes (only the rows asked for)."""
+    """Rows of Ŵ looked up by index, dequantised from the packed codes (only the rows asked for), times the
+    layer's constant row scale (see QEmbedding)."""
 
-    def __init__(self, pw: PackedWeight, padding_idx: int | None):
+    def __init__(self, pw: PackedWeight, padding_idx: int | None, scale: float = 1.0):
         super().__init__()
         self.pw = pw
         self.padding_idx = padding_idx
+        self.scale = scale
         self.num_embeddings, self.embedding_dim = pw.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = dequantize_rows(self.pw, ids.reshape(-1))
-        return rows.reshape(*ids.shape, self.embedding_dim)
-
+        rows = dequantize_rows(self.pw, ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+        return rows if self.scale == 1.0 else rows * self.scale
 
 
 class PackedConv(_Packed):
@@ -440,16 +441,19 @@ def accelerate(module: nn.Module, int8_activations: bool = True) -> dict[str, st
     (W8A8 layers run on torch._int_mm). Tied modules (an
     embedding shared with the output head) share one PackedWeight. The unpacked codes are released.
     """
-    from squash.runtime.modules import QConv, QEmbedding, QLinear
+    from squash.runtime.modules import QConv, QEmbedding, QLinear, QWrapped
 
     kernels.extension()  # build (or load) the kernel before touching the model
     done: dict[int, PackedWeight] = {}
     report: dict[str, str] = {}
     for name, mod in list(module.named_modules()):
         for child_name, child in list(mod.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, QWrapped):
+                report[full] = f"reference: {type(child.inner).__name__} runs its own forward on Ŵ"
+                continue
             if not isinstance(child, (QLinear, QEmbedding, QConv)):
                 continue
-            full = f"{name}.{child_name}" if name else child_name
             ct = child.weight_q.ct
             if child.weight_q.trainable is not None:
                 report[full] = "reference: being trained"
@@ -472,7 +476,8 @@ def accelerate(module: nn.Module, int8_activations: bool = True) -> dict[str, st
                 setattr(mod, child_name, PackedConv(pw, child))
                 report[full] = f"packed {pw.bits}-bit, convolution"
                 continue
-            new = PackedLinear(pw, child.bias) if isinstance(child, QLinear) else PackedEmbedding(pw, child.padding_idx)
+            new = (PackedLinear(pw, child.bias) if isinstance(child, QLinear)
+                   else PackedEmbedding(pw, child.padding_idx, child.scale))
             setattr(mod, child_name, new)
             report[full] = f"packed {pw.bits}-bit"
     for name in fuse_gelu(module):
