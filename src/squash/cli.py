@@ -334,8 +334,12 @@ def _print_report(r: dict, as_json: bool) -> None:
         table.add_row(f"held-out distillation loss ({ft['steps']} fine-tune steps)", "",
                       f"{ft['held_out_loss_before']:.4f} → {ft['held_out_loss_after']:.4f}",
                       f"{100 * (ft['held_out_loss_after'] / ft['held_out_loss_before'] - 1):+.1f}%")
+    dec = r.get("decode")
+    if dec:
+        table.add_row(f"decode speed (batch 1, {dec['threads']} threads; {dec['runtime']})",
+                      f"{dec['float_tps']:.1f} tok/s", f"{dec['compressed_tps']:.1f} tok/s", f"{dec['speedup']:.2f}× speed")
     lat = r.get("latency")
-    if lat:
+    if lat and not dec:
         where = "packed" if lat.get("runtime", "").startswith("packed") else "reference path"
         table.add_row(f"forward latency ({lat['threads']} threads, {where})", f"{lat['float']['median_ms']:.1f} ms",
                       f"{lat['compressed']['median_ms']:.1f} ms", f"{lat['speedup']:.2f}× speed")

@@ -46,7 +46,10 @@ def evaluate(model: Model, reference: Model, size: EvalSize = EvalSize(), repeat
 
     report["layers"] = layer_table(model, reference, layer_inputs(model, tokenizer))
     report["layers_float"] = {n: why.removeprefix("float: ") for n, why in model.layers.items() if why.startswith("float")}
-    report["latency"] = latency(model, reference, tokenizer, repeats)
+    fast, runtime = _runnable(model)
+    report["latency"] = latency(model, reference, tokenizer, repeats, (fast, runtime))
+    if model.kind == "causal-lm":
+        report["decode"] = decode_speed(fast, reference.module, tokenizer, repeats=max(1, min(repeats, 3)))
     return report
 
 
@@ -66,12 +69,12 @@ def example_input(model: Model, tokenizer) -> dict:
 
 
 @torch.inference_mode()
-def latency(model: Model, reference: Model, tokenizer, repeats: int = 5) -> dict:
+def latency(model: Model, reference: Model, tokenizer, repeats: int = 5, runnable=None) -> dict:
     """Forward latency in ms of both models on the same input, alternated; median, min, max."""
     if model.kind == "module":
         return {}
     inputs = example_input(model, tokenizer)
-    compressed, runtime = _runnable(model)
+    compressed, runtime = runnable or _runnable(model)
     times = {"float": [], "compressed": []}
     for m in (reference.module, compressed):  # warm-up
         m(**inputs)
@@ -85,6 +88,52 @@ def latency(model: Model, reference: Model, tokenizer, repeats: int = 5) -> dict
     out["runtime"] = runtime
     out["speedup"] = out["float"]["median_ms"] / out["compressed"]["median_ms"]
     return out
+
+
+DECODE_TOKENS = 32
+
+
+@torch.inference_mode()
+def decode_speed(compressed: torch.nn.Module, reference: torch.nn.Module, tokenizer, tokens: int = DECODE_TOKENS,
+                 repeats: int = 3) -> dict:
+    """What a user of a language model feels: greedy decoding at batch 1 after a 32-token prompt, tokens/s.
+    The float model runs in transformers with its KV cache; the compressed one on squash's lean decoder over
+    the packed weights, or transformers' loop on the packed modules where the decoder does not cover the
+    architecture. Alternated, median of `repeats`."""
+    from squash.errors import SquashError
+    from squash.runtime.llama import Decoder
+
+    prompt = tokenizer(evaluation_text()[:2000], return_tensors="pt")["input_ids"][0, :32]
+    try:
+        Decoder(compressed, max_len=len(prompt) + tokens + 2)
+        how = "squash's lean decoder"
+
+        def run_compressed():
+            return Decoder(compressed, max_len=len(prompt) + tokens + 2).generate(prompt, tokens)[1].decode_tps
+    except SquashError:
+        how = "transformers' loop on the packed modules"
+
+        def run_compressed():
+            return hf_decode_tps(compressed, prompt, tokens)
+    rates = {"float": [], "compressed": []}
+    for _ in range(repeats):
+        rates["float"].append(hf_decode_tps(reference, prompt, tokens))
+        rates["compressed"].append(run_compressed())
+    out = {k: statistics.median(v) for k, v in rates.items()}
+    return {"float_tps": out["float"], "compressed_tps": out["compressed"], "speedup": out["compressed"] / out["float"],
+            "tokens": tokens, "threads": torch.get_num_threads(), "runtime": how}
+
+
+@torch.inference_mode()
+def hf_decode_tps(module: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> float:
+    """Greedy tokens/s of a transformers causal LM with its KV cache, after the prompt (prefill not counted)."""
+    out = module(prompt[None], use_cache=True)
+    cache, nxt = out.past_key_values, out.logits[0, -1].argmax()
+    t = time.perf_counter()
+    for _ in range(tokens):
+        out = module(nxt.view(1, 1), past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[0, -1].argmax()
+    return tokens / (time.perf_counter() - t)
 
 
 def _runnable(model: Model):
