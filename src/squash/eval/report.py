@@ -46,7 +46,10 @@ def evaluate(model: Model, reference: Model, size: EvalSize = EvalSize(), repeat
 
     report["layers"] = layer_table(model, reference, layer_inputs(model, tokenizer))
     report["layers_float"] = {n: why.removeprefix("float: ") for n, why in model.layers.items() if why.startswith("float")}
-    fast, runtime = _runnable(model)
+    if model.kind == "module":  # no example input to time it on
+        report["latency"] = {}
+        return report
+    fast, runtime = _runnable(model)  # one packed copy serves both speed measurements
     report["latency"] = latency(model, reference, tokenizer, repeats, (fast, runtime))
     if model.kind == "causal-lm":
         report["decode"] = decode_speed(fast, reference.module, tokenizer, repeats=max(1, min(repeats, 3)))
