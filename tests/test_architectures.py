@@ -278,3 +278,101 @@ def test_guard_passes_a_good_run_and_names_float_layers(arch_models, tmp_path, c
     assert math.isfinite(report["quality"]["kl"])
     # a language model's report measures decoding, on transformers' loop here (GPT-2: no lean decoder)
     assert report["decode"]["compressed_tps"] > 0 and "transformers" in report["decode"]["runtime"]
+
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+             "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2"}
+
+
+def _gguf_tensors(path) -> dict:
+    """Every tensor of a GGUF file dequantized by gguf-py, as (rows, cols) or (n,), in the file's row order."""
+    import gguf
+    import numpy as np
+
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        out[t.name] = w.reshape([int(n) for n in reversed(t.shape)]) if len(t.shape) > 1 else w.reshape(-1)
+    return out
+
+
+@pytest.mark.parametrize("arch", list(GGUF_ARCH))
+def test_gguf_export_reads_back(arch, arch_models, tmp_path):
+    """The GGUF holds every compressed weight (rows in llama.cpp's order), every norm with the gain its module
+    really applies (Gemma's 1 + w), names llama.cpp's architecture reads, and its hyper-parameters."""
+    import gguf
+    import numpy as np
+
+    from squash.io.gguf_arch import ARCHS, allowed_tensors, rope_permutation
+    from squash.io.gguf_export import export_gguf
+    from squash.layers import rms_gain
+
+    model = squash.load(arch_models[arch])
+    small = squash.compress(model, squash.load_recipe("int8"))
+    out = tmp_path / "m.gguf"
+    report = export_gguf(small, out)
+    fields = gguf.GGUFReader(out).fields
+    name = GGUF_ARCH[arch]
+    assert fields["general.architecture"].contents() == name
+    cfg = small.module.config
+    assert fields[f"{name}.block_count"].contents() == cfg.num_hidden_layers
+    assert fields[f"{name}.embedding_length"].contents() == cfg.hidden_size
+    if arch.startswith("gemma"):
+        pattern = fields[f"{name}.attention.sliding_window_pattern"].contents()
+        assert pattern == [t == "sliding_attention" for t in cfg.layer_types]
+    got = _gguf_tensors(out)
+    stems = allowed_tensors(ARCHS[small.config["hf_config"]["model_type"]])
+    assert all(".".join(p for p in n.split(".")[:-1] if not p.isdigit() and p != "blk") in stems for n in got)
+    written = {t["source"]: t["name"] for t in report["tensors"]}
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    for source, ct in small.tensors.items():
+        w = got[written[source]]
+        if ARCHS[small.config["hf_config"]["model_type"]].interleave_qk:
+            for key, n in ((".attn_q.", heads), (".attn_k.", kv)):
+                if key in written[source]:
+                    w = w[np.argsort(rope_permutation(w.shape[0], n))]  # back to transformers' row order
+        want = ct.dequantize().numpy()
+        assert w.shape == want.shape, source
+        rel = np.sqrt(((w - want) ** 2).sum() / (want**2).sum())
+        assert rel <= 1e-3, (source, rel)  # int8 codes fit Q8_0: only the fp16 scale rounds
+    norms = 0
+    for mod_name, mod in small.module.named_modules():
+        g = rms_gain(mod)
+        if g is not None and f"{mod_name}.weight" in written:
+            np.testing.assert_allclose(got[written[f"{mod_name}.weight"]], g.numpy(), rtol=1e-6, atol=1e-6)
+            norms += 1
+    assert norms >= (0 if arch == "gpt2" else 2 * cfg.num_hidden_layers + 1)
+
+
+@pytest.mark.parametrize("arch", list(GGUF_ARCH))
+def test_llama_cpp_runs_the_gguf_like_squash(arch, arch_models, tmp_path):
+    """llama.cpp's logits on the export match squash's forward (F32 weights: the format, not the rounding).
+    Needs llama-cpp-python (bench/setup.sh); 30 tokens, inside the 32-token sliding windows."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    from squash.io.gguf_export import export_gguf
+    from test_gguf_export import load_llama
+
+    small = squash.compress(squash.load(arch_models[arch]), squash.load_recipe("int8"))
+    out = tmp_path / "m.gguf"
+    export_gguf(small, out, target="f32")
+    ids = small.tokenizer(TEXT)["input_ids"][:30]
+    with torch.inference_mode():
+        want = torch.log_softmax(small.module(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    llm = load_llama(llama_cpp, out, n_ctx=64)
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    got = logits - logits.max(-1, keepdims=True)
+    got = got - np.log(np.exp(got).sum(-1, keepdims=True))
+    assert np.abs(got - want).max() < 2e-3, np.abs(got - want).max()
+
+
+def test_gguf_export_refuses_what_llama_cpp_cannot_run(arch_models, tmp_path):
+    from squash import SquashError
+    from squash.io.gguf_export import export_gguf
+
+    small = squash.compress(squash.load(arch_models["opt"]), squash.load_recipe("int8"))
+    with pytest.raises(SquashError, match="model_type .*'opt'"):
+        export_gguf(small, tmp_path / "opt.gguf")
+    assert not list(tmp_path.iterdir())

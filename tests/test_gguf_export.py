@@ -405,14 +405,14 @@ def test_cli_export_and_refusals(tmp_path, capsys, compressed, digits):
     shown = " ".join(capsys.readouterr().out.split())
     assert "did not fit a llama.cpp type" in shown and "largest output change" in shown
 
-    # a model llama.cpp's LLaMA cannot run: one line, exit 2, nothing written
+    # a model llama.cpp cannot run (a CNN): one line, exit 2, nothing written
     d = save(compress(digits, Recipe.from_dict({"name": "int8", "steps": [{"step": "quantize"}]})), tmp_path / "d.squash")
     bad = tmp_path / "d.gguf"
     assert main(["export", str(d), "--to", "gguf", "-o", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "LLaMA" in err and len(err.strip().splitlines()) == 1
+    assert "decoder language models" in err and len(err.strip().splitlines()) == 1
     assert not bad.exists() and not list(tmp_path.glob(".d.gguf*"))
-    with pytest.raises(SquashError, match="LLaMA"):
+    with pytest.raises(SquashError, match="decoder language models"):
         export_gguf(load_squash(d), tmp_path / "d2.gguf")
     assert not (tmp_path / "d2.gguf").exists()
     # wrong suffix, the input as output, a missing folder

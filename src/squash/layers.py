@@ -109,3 +109,24 @@ def _close(y, plain: torch.Tensor) -> bool:
 def matrix_of(weight: torch.Tensor, form: Form) -> torch.Tensor:
     """The weight as squash stores it: rows are output channels (a transposed linear's W is turned back)."""
     return weight.T.contiguous() if form.kind == "linear_t" else weight
+
+
+def rms_gain(norm: nn.Module) -> torch.Tensor | None:
+    """The gain g with norm(x) = x·rsqrt(mean(x²) + ε)·g, found by probing the module: its weight w (LLaMA,
+    Qwen, Phi) or 1 + w (Gemma stores the offset from 1). None for anything else (a LayerNorm, with mean
+    subtraction, or a norm without a weight)."""
+    w = norm._parameters.get("weight") if hasattr(norm, "_parameters") else None
+    if w is None or w.dim() != 1 or not w.dtype.is_floating_point:
+        return None
+    w = w.detach().float()
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            y = norm(x).float()
+    except Exception:  # a norm over other axes than the last: not an RMSNorm of this kind
+        return None
+    for g in (w, 1.0 + w):
+        if y.shape == x.shape and torch.allclose(y, F.rms_norm(x, g.shape, g, eps), rtol=1e-4, atol=1e-5):
+            return g.contiguous()
+    return None

@@ -1,4 +1,5 @@
-"""Export a compressed LLaMA-architecture model to GGUF, the file llama.cpp and Ollama load.
+"""Export a compressed decoder language model to GGUF, the file llama.cpp and Ollama load: LLaMA, Mistral, Qwen2,
+Qwen3, Gemma 2, Gemma 3, Phi-3 and GPT-2 (the architectures, names and hyper-parameters: io/gguf_arch.py).
 
 Each compressed weight becomes one of llama.cpp's block formats (a 32-weight block: one fp16 scale d, for the
 *_1 types an fp16 offset m, and integer codes q; the K-quants group 256 weights into 8 or 16 sub-blocks):
@@ -32,17 +33,16 @@ float   tensors squash kept in float (norms, biases, excluded layers): F32, or F
 
 Metadata (tokenizer, chat template, general.*) is copied from the source GGUF when there is one (the bundled
 smollm2-135m ships as GGUF; `metadata_from` names another), else built from the transformers config and
-tokenizer. The hyper-parameters (llama.*) are always written from the model's own config, so they match the
+tokenizer. The hyper-parameters ({arch}.*) are always written from the model's own config, so they match the
 tensors. Added keys: squash.recipe (the recipe as JSON), squash.source, squash.version.
 
-llama.cpp stores attn_q / attn_k with the rows of each head interleaved for its rotary embedding
+llama.cpp's LLaMA stores attn_q / attn_k with the rows of each head interleaved for its rotary embedding
 (convert_hf_to_gguf's LlamaModel.permute); squash holds the Hugging Face order, so those rows are permuted on
 the way out. squash's blocks lie along rows, so codes and scales move with their rows unchanged.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections import Counter
@@ -55,6 +55,8 @@ import torch
 from torch import nn
 
 from squash.errors import SquashError
+from squash.io.gguf_arch import (allowed_tensors, arch_of, hyperparameters, ignored_features, name_map,
+                                 rope_permutation, same_value)
 
 QK = 32  # weights in a small block
 QK_K = 256  # weights in a K-quant super-block
@@ -590,85 +592,6 @@ def _measure(w: Written, w_hat: np.ndarray, written: np.ndarray, weight: np.ndar
 # ---------------------------------------------------------------- the model
 
 
-ARCH = "llama"
-LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
-
-
-def gguf_name(hf_name: str) -> str | None:
-    """llama.cpp's name for a Hugging Face LLaMA parameter (None for one llama.cpp has no use for)."""
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    parts = hf_name.split(".")
-    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-        layer, rest = parts[2], parts[3:]
-        for hf, gg in LAYER_NAMES.items():
-            n = len(hf.split("."))
-            if ".".join(rest[:n]) == hf and len(rest) == n + 1 and rest[-1] in ("weight", "bias"):
-                return f"blk.{layer}.{gg}.{rest[-1]}"
-    return None
-
-
-def rope_permutation(rows: int, n_head: int) -> np.ndarray:
-    """Row order llama.cpp stores attn_q / attn_k in: within each head, the two halves interleaved
-    (convert_hf_to_gguf's LlamaModel.permute, applied to row indices): gguf_rows = hf_rows[perm]."""
-    idx = np.arange(rows)
-    return idx.reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
-
-
-def llama_config(model) -> dict:
-    """The transformers config of a LLaMA language model; one clear error for anything else."""
-    hf = (model.config or {}).get("hf_config") or {}
-    mtype = hf.get("model_type")
-    if model.kind != "causal-lm" or mtype != "llama":
-        what = f"a {model.kind} model" + (f" of type {mtype!r}" if mtype else "")
-        raise SquashError(f"{model.name}: GGUF export supports LLaMA-architecture language models "
-                          f"(transformers model_type 'llama'); this is {what}")
-    if (model.config or {}).get("resized"):
-        raise SquashError(f"{model.name}: structured pruning changed layer shapes; llama.cpp needs every layer "
-                          "the shape the config gives")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise SquashError(f"{model.name}: llama.cpp's LLaMA uses SiLU; this model's activation is {hf['hidden_act']!r}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise SquashError(f"{model.name}: rope scaling {rope_type!r} is not supported by the GGUF export yet")
-    return hf
-
-
-def hyperparameters(hf: dict) -> dict[str, tuple[str, float | int]]:
-    """llama.* keys from the config: key → (value type name, value)."""
-    heads = hf["num_attention_heads"]
-    kv = hf.get("num_key_value_heads") or heads
-    hidden = hf["hidden_size"]
-    head_dim = hf.get("head_dim") or hidden // heads
-    rope = hf.get("rope_parameters") or {}
-    theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
-    out = {
-        "context_length": ("UINT32", hf.get("max_position_embeddings", 2048)),
-        "embedding_length": ("UINT32", hidden),
-        "block_count": ("UINT32", hf["num_hidden_layers"]),
-        "feed_forward_length": ("UINT32", hf["intermediate_size"]),
-        "attention.head_count": ("UINT32", heads),
-        "attention.head_count_kv": ("UINT32", kv),
-        "rope.freq_base": ("FLOAT32", float(theta)),
-        "attention.layer_norm_rms_epsilon": ("FLOAT32", float(hf.get("rms_norm_eps", 1e-6))),
-        "rope.dimension_count": ("UINT32", head_dim),
-        "vocab_size": ("UINT32", hf["vocab_size"]),
-    }
-    if head_dim != hidden // heads:
-        out["attention.key_length"] = ("UINT32", head_dim)
-        out["attention.value_length"] = ("UINT32", head_dim)
-    return {f"{ARCH}.{k}": v for k, v in out.items()}
-
-
 def source_gguf(model, metadata_from: str | os.PathLike | None) -> Path | None:
     """The GGUF to copy metadata from: the one given, the bundled smollm2's, or the file the model came from."""
     if metadata_from is not None:
@@ -819,7 +742,8 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
     from squash.models import tokenizer_for
 
     path = Path(path)
-    hf = llama_config(model)
+    arch = arch_of(model)
+    cfg = model.module.config
     if target is not None:
         key = str(target).lower()
         if key not in TARGETS:
@@ -838,36 +762,19 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
             reader = gguf.GGUFReader(src)
         except Exception as e:  # the reader raises many types on a damaged file
             raise SquashError(f"{src}: cannot read this GGUF file for its metadata ({e})") from e
-        arch = reader.fields.get("general.architecture")
-        if arch is not None and arch.contents() != ARCH:
-            raise SquashError(f"{src}: a {arch.contents()!r} GGUF; its metadata does not fit a LLaMA model")
+        field = reader.fields.get("general.architecture")
+        if field is not None and field.contents() != arch.gguf:
+            raise SquashError(f"{src}: a {field.contents()!r} GGUF; its metadata does not fit a {arch.gguf} model")
 
-    heads = hf["num_attention_heads"]
-    kv_heads = hf.get("num_key_value_heads") or heads
-    tied_config = bool(hf.get("tie_word_embeddings", False))
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    jobs = _jobs(model, arch)
     state = {k: v for k, v in model.module.state_dict().items()}
-    names = list(model.tensors) + [n for n in state if n not in model.tensors]
-    jobs = []  # (hf name, gguf name)
-    embed = "model.embed_tokens.weight"
-    for hf_name in names:
-        if hf_name.endswith("inv_freq"):
-            continue  # rotary buffers: llama.cpp computes its own
-        if hf_name in model.tied and model.tied[hf_name] != embed:
-            continue  # stored once, under the name it is tied to
-        if hf_name == "lm_head.weight" and (model.tied.get(hf_name) == embed or (
-                tied_config and hf_name not in model.tensors and embed not in model.tensors
-                and embed in state and state[hf_name].data_ptr() == state[embed].data_ptr())):
-            continue  # the output head is the token embedding: llama.cpp reads token_embd when output is absent
-        gname = gguf_name(hf_name)
-        if gname is None:
-            raise SquashError(f"{model.name}: no llama.cpp tensor for {hf_name!r}; this is not a plain LLaMA model")
-        jobs.append((hf_name, gname))
-
     src_types = {}
     if reader is not None:
         src_types = {t.name: t.tensor_type.name for t in reader.tensors}
     stats: dict = {}
-    notes = []
+    notes = ignored_features(arch, cfg)
 
     def importance(key: str):
         """Input statistics, gathered once, on the first tensor that needs a refit."""
@@ -887,16 +794,16 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
     written: list[Written] = []
     for i, (hf_name, gname) in enumerate(jobs):
         perm = None
-        if ".attn_q." in gname:
+        if arch.interleave_qk and ".attn_q." in gname:
             perm = rope_permutation(_rows(model, state, hf_name), heads)
-        elif ".attn_k." in gname:
+        elif arch.interleave_qk and ".attn_k." in gname:
             perm = rope_permutation(_rows(model, state, hf_name), kv_heads)
         key = model.tied.get(hf_name, hf_name)
         if key in model.tensors:
             written.append(convert(gname, hf_name, model.tensors[key], perm, target,
                                    weight=lambda key=key: importance(key), tolerance=tolerance))
         else:
-            t = state[hf_name].detach().float().numpy()
+            t = _float_tensor(model, hf_name, state[hf_name]).numpy()
             if perm is not None:
                 t = t[perm]
             kind = "F16" if (src_types.get(gname) == "F16" and t.ndim > 1) else "F32"
@@ -916,16 +823,16 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer = gguf.GGUFWriter(tmp, arch.gguf)
         V = gguf.GGUFValueType
-        derived = hyperparameters(hf)
+        derived = hyperparameters(arch, cfg)
         skip = set(derived) | {"general.architecture", "general.file_type", "general.quantization_version",
                                "squash.recipe", "squash.source", "squash.version"}
         if reader is not None:
             _copy_fields(writer, reader, skip)
             for k, (vt, v) in derived.items():
                 f = reader.fields.get(k)
-                if f is not None and not _same(f.contents(), v):
+                if f is not None and not isinstance(v, list) and not same_value(f.contents(), v):
                     notes.append(f"{k}: {f.contents()} in {src.name}, {v} from the model's config (written)")
             tokens = reader.fields.get("tokenizer.ggml.tokens")
             if tokens is not None and len(tokens.data) != vocab_rows:
@@ -941,7 +848,10 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
                 notes.append(f"no tokenizer: {e}")
             notes += _tokenizer_fields(writer, tok, vocab_rows)
         for k, (vt, v) in derived.items():
-            writer.add_key_value(k, v, V[vt])
+            if isinstance(v, list):
+                writer.add_key_value(k, v, V.ARRAY, sub_type=V[vt])
+            else:
+                writer.add_key_value(k, v, V[vt])
         writer.add_key_value("general.file_type", FILE_TYPES[main_type], V.UINT32)
         writer.add_key_value("general.quantization_version", gguf.GGML_QUANT_VERSION, V.UINT32)
         writer.add_key_value("squash.recipe", json.dumps(model.recipe or {}, sort_keys=True), V.STRING)
@@ -980,6 +890,58 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
     return _report(path, written, src, main_type, notes)
 
 
+def _jobs(model, arch) -> list[tuple[str, str]]:
+    """(Hugging Face name, GGUF name) of every tensor to write, in the model's order: each compressed tensor
+    and float parameter once; a tied output head left to token_embd (llama.cpp reads it when `output` is
+    absent); buffers llama.cpp computes itself (rotary tables, causal masks) left out. A parameter llama.cpp's
+    architecture has no tensor for is one clear error."""
+    cfg = model.module.config
+    tmap = name_map(arch, cfg.num_hidden_layers)
+    allowed = allowed_tensors(arch)
+    params = {n for n, _ in model.module.named_parameters(remove_duplicate=False)}
+    state = model.module.state_dict()
+    names = list(model.tensors) + [n for n in state if n not in model.tensors]
+    gguf_of = {n: tmap.get_name(n, try_suffixes=(".weight", ".bias")) for n in names}
+    embed = next((n for n, g in gguf_of.items() if g == "token_embd.weight"), None)
+    jobs = []
+    for hf_name in names:
+        gname = gguf_of[hf_name]
+        if hf_name in model.tied and model.tied[hf_name] != embed:
+            continue  # stored once, under the name it is tied to
+        if gname == "output.weight" and embed is not None and (model.tied.get(hf_name) == embed or (
+                hf_name not in model.tensors and embed not in model.tensors and embed in state
+                and state[hf_name].data_ptr() == state[embed].data_ptr())):
+            continue  # the output head is the token embedding
+        if gname is None:
+            if hf_name not in params and hf_name not in model.tensors:
+                continue  # a buffer: llama.cpp computes its own rotary tables and masks
+            raise SquashError(f"{model.name}: llama.cpp's {arch.gguf} has no tensor for {hf_name!r}")
+        stem = ".".join(p for p in gname.split(".")[:-1] if not p.isdigit() and p != "blk")
+        if stem not in allowed:
+            raise SquashError(f"{model.name}: {hf_name!r} would be {gname!r}, which llama.cpp's {arch.gguf} does "
+                              "not read")
+        jobs.append((hf_name, gname))
+    return jobs
+
+
+def _float_tensor(model, hf_name: str, t: torch.Tensor) -> torch.Tensor:
+    """A float parameter as llama.cpp reads it: a norm's gain as the module applies it (Gemma's 1 + w), a
+    transposed linear's weight as (out, in); anything else as it is."""
+    from squash.layers import layer_form, rms_gain
+
+    owner, _, leaf = hf_name.rpartition(".")
+    module = model.module.get_submodule(owner) if owner else model.module
+    t = t.detach().float()
+    if leaf == "weight" and t.dim() == 1:
+        g = rms_gain(module)
+        return t if g is None else g
+    if leaf == "weight" and t.dim() == 2:
+        form = layer_form(module)
+        if not isinstance(form, str) and form.kind == "linear_t":
+            return t.T.contiguous()
+    return t
+
+
 def _rows(model, state, hf_name: str) -> int:
     key = model.tied.get(hf_name, hf_name)
     if key in model.tensors:
@@ -991,12 +953,6 @@ def _numel(w: Written) -> int:
     if w.qtype in ("F32", "F16"):
         return int(w.data.size)
     return int(w.data.size * 8 / BITS_PER_WEIGHT[w.qtype])
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(float(a), float(b), rel_tol=1e-6)
-    return a == b
 
 
 def _report(path: Path, written: list[Written], src: Path | None, main_type: str, notes: list[str]) -> dict:

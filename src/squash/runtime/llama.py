@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from squash.errors import SquashError
+from squash.layers import rms_gain
 
 
 class _FloatLinear(nn.Module):
@@ -258,18 +259,12 @@ _EMPTY = torch.empty(0)
 
 
 def norm_gain(norm: nn.Module) -> torch.Tensor:
-    """The gain g with norm(x) = x·rsqrt(mean(x²) + ε)·g, found by probing the module: its weight w (LLaMA)
-    or 1 + w (Gemma). A norm that is neither (a LayerNorm with a bias, mean subtraction) is refused."""
-    w = norm.weight.detach().float()
-    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
-    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        y = norm(x).float()
-    for g in (w, 1.0 + w):
-        want = F.rms_norm(x, g.shape, g, eps)
-        if torch.allclose(y, want, rtol=1e-4, atol=1e-5):
-            return g.contiguous()
-    raise SquashError(f"{type(norm).__name__} is not an RMSNorm the fast decoder knows (weight or 1 + weight)")
+    """The gain g with norm(x) = x·rsqrt(mean(x²) + ε)·g: its weight w (LLaMA) or 1 + w (Gemma), found by
+    probing (layers.rms_gain). A norm that is neither (a LayerNorm with a bias, mean subtraction) is refused."""
+    g = rms_gain(norm)
+    if g is None:
+        raise SquashError(f"{type(norm).__name__} is not an RMSNorm the fast decoder knows (weight or 1 + weight)")
+    return g
 
 
 def _is_silu(act) -> bool:
