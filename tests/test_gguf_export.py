@@ -369,9 +369,10 @@ def test_llama_cpp_runs_the_export_like_squash(tmp_path, compressed, tiny_llama)
         del llm
 
 
-def load_llama(llama_cpp, path, n_ctx: int):
+def load_llama(llama_cpp, path, n_ctx: int, **kw):
     """llama.cpp with its extra (repacking) buffer types off: they crash with an illegal instruction on some
-    CPUs. Llama() does not take the parameter, so it is set on the default model parameters it starts from."""
+    CPUs. Llama() does not take the parameter, so it is set on the default model parameters it starts from.
+    `kw` goes to Llama() (type_k=0, type_v=0: a float32 KV cache instead of float16)."""
     import llama_cpp.llama as llama_mod
 
     original = llama_mod.llama_cpp.llama_model_default_params
@@ -383,7 +384,7 @@ def load_llama(llama_cpp, path, n_ctx: int):
 
     llama_mod.llama_cpp.llama_model_default_params = params
     try:
-        return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, verbose=False)
+        return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, verbose=False, **kw)
     finally:
         llama_mod.llama_cpp.llama_model_default_params = original
 

@@ -677,7 +677,7 @@ def _tokenizer_fields(writer, tok, vocab_size: int) -> list[str]:
         writer.add_key_value("tokenizer.ggml.merges", merges, V.ARRAY, sub_type=V.STRING)
     for what in ("bos", "eos", "unk", "pad"):
         i = getattr(tok, f"{what}_token_id", None)
-        if i is not None:
+        if i is not None and 0 <= i < vocab_size:  # a tokenizer may name a token the model has no row for
             writer.add_key_value(f"tokenizer.ggml.{what}_token_id", int(i), V.UINT32)
     writer.add_key_value("tokenizer.ggml.add_bos_token", bool(getattr(tok, "add_bos_token", False)), V.BOOL)
     template = getattr(tok, "chat_template", None)
