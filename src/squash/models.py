@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
+import json
 import math
 import os
 import shutil
@@ -290,10 +292,23 @@ def bundled_info(name: str) -> dict:
     return {"parameters": params, "file_bytes": path.stat().st_size if path else None}
 
 
-def load(source: str | os.PathLike | nn.Module) -> Model:
-    """A bundled name, a transformers directory, a .gguf file, or a torch module; float, never modified."""
+def load(source: str | os.PathLike | nn.Module, *, example_input: torch.Tensor | None = None,
+         constructor: str | None = None, kwargs: dict | None = None) -> Model:
+    """A bundled name, a transformers directory, a .gguf file, or a torch module; float, never modified.
+
+    For a torch module:
+      example_input  one input batch (a tensor): its shape is what reports time, the guard checks layers on and
+                     ONNX export traces (batch left dynamic); without it a module is compressed but not measured
+      constructor    "package.module:Class", an importable nn.Module subclass that builds the architecture
+                     (called with `kwargs`, JSON values); stored in the .squash file so that loading it needs no
+                     `module=`. Default: the module's own class, when it is importable and takes no arguments.
+    """
     if isinstance(source, nn.Module):
-        return _finish(source, "module", type(source).__name__, {}, None)
+        config = module_config(source, example_input, constructor, kwargs)
+        return _finish(source, "module", type(source).__name__, config, None)
+    if example_input is not None or constructor is not None or kwargs is not None:
+        raise SquashError("example_input, constructor and kwargs describe a torch module; "
+                          f"{str(source)!r} is not one")
     text = str(source)
     if text in BUNDLED:
         return BUNDLED[text].loader()
@@ -334,7 +349,68 @@ def rebuild(kind: str, config: dict) -> nn.Module:
         from squash.digits import DigitsCNN
 
         return _resized(DigitsCNN(**config["arch"]).eval(), config)
-    raise FormatError(f"cannot rebuild a model of kind {kind!r}; load it with squash.load_squash(path, module=...)")
+    if kind == "module" and config.get("constructor"):
+        return _resized(construct(config["constructor"], config.get("kwargs") or {}), config)
+    raise FormatError(f"cannot rebuild a model of kind {kind!r} without a constructor reference; load it with "
+                      "squash.load_squash(path, module=<the architecture, any weights>)")
+
+
+def module_config(module: nn.Module, example_input: torch.Tensor | None, constructor: str | None,
+                  kwargs: dict | None) -> dict:
+    """The JSON config of a plain torch module: its example input's shape and dtype, and a constructor
+    reference that rebuilds it ("package.module:Class" + kwargs), checked here by building it once."""
+    config: dict = {}
+    if example_input is not None:
+        if not isinstance(example_input, torch.Tensor) or not example_input.dtype.is_floating_point:
+            raise SquashError("example_input: give one float tensor, a batch of what the module takes")
+        config["input"] = {"shape": list(example_input.shape), "dtype": str(example_input.dtype).removeprefix("torch.")}
+    if kwargs is not None and constructor is None:
+        raise SquashError("kwargs without a constructor: give constructor='package.module:Class' too")
+    cls = type(module)
+    if constructor is None:
+        if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
+            return config  # not importable from elsewhere: load_squash will need module=
+        params = inspect.signature(cls.__init__).parameters.values()
+        if any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in list(params)[1:]):
+            return config  # its arguments are unknown: load_squash will need module=
+        constructor, kwargs = f"{cls.__module__}:{cls.__qualname__}", {}
+    try:
+        json.dumps(kwargs or {})
+    except TypeError as e:
+        raise SquashError(f"kwargs must be JSON values (numbers, strings, lists, dicts): {e}") from None
+    built = construct(constructor, kwargs or {})
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:1]
+        raise SquashError(f"constructor {constructor!r} builds a different architecture than the module given "
+                          f"(first difference: {diff}); pass the kwargs that build it")
+    config["constructor"], config["kwargs"] = constructor, kwargs or {}
+    return config
+
+
+def construct(reference: str, kwargs: dict) -> nn.Module:
+    """Build `reference` ("package.module:Class") with `kwargs`. Only an nn.Module subclass is called: a file
+    that names a function or any other callable is refused, so loading a file never runs more than a model's
+    constructor."""
+    import importlib
+
+    mod_name, _, qual = reference.partition(":")
+    if not mod_name or not qual:
+        raise FormatError(f"constructor {reference!r}: expected 'package.module:Class'")
+    try:
+        obj = importlib.import_module(mod_name)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise FormatError(f"constructor {reference!r} cannot be imported here ({_first_line(e)}); install its "
+                          "package or load with squash.load_squash(path, module=...)") from None
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise FormatError(f"constructor {reference!r} is not an nn.Module class; squash calls nothing else")
+    try:
+        return obj(**kwargs).eval()
+    except Exception as e:  # the constructor's own error, whatever its type
+        raise FormatError(f"constructor {reference!r} failed with kwargs {kwargs} ({_first_line(e)})") from None
 
 
 def _resized(module: nn.Module, config: dict) -> nn.Module:

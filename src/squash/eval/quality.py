@@ -6,6 +6,7 @@ Language models, over windows of the evaluation text:
     top-1       share of positions where both models put the same token first
 Sentence encoders: mean over paragraphs of cos(e_float, e_compressed), e = mean-pooled last hidden states.
 Classifiers: test accuracy on the held-out digits split.
+Any other torch module: cosine of its outputs to the float module's on seeded random inputs of its example shape.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from squash.data import evaluation_text, paragraphs
+from squash.errors import SquashError
 
 Progress = Callable[[int, int, str], None]
 
@@ -99,3 +101,44 @@ def classifier_quality(module, reference) -> dict:
     acc = (module(data["x_test"]).argmax(-1) == data["y_test"]).float().mean().item()
     acc_ref = (reference(data["x_test"]).argmax(-1) == data["y_test"]).float().mean().item()
     return {"accuracy": acc, "accuracy_float": acc_ref, "images": len(data["y_test"])}
+
+
+MODULE_BATCHES = 4
+
+
+def module_inputs(model, batches: int = 1) -> list[torch.Tensor]:
+    """Seeded standard-normal batches of a plain module's example input shape (config["input"]); [] without
+    one. A module has no data squash knows, so its outputs are compared on these (say so where shown)."""
+    spec = (model.config or {}).get("input")
+    if not spec:
+        return []
+    g = torch.Generator().manual_seed(1234)
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    return [torch.randn(*spec["shape"], generator=g).to(dtype) for _ in range(batches)]
+
+
+@torch.inference_mode()
+def module_quality(module, reference, inputs: list[torch.Tensor]) -> dict:
+    """Cosine between the compressed and the float module's outputs, per example (flattened), on `inputs`;
+    and the relative RMS error ‖y − ŷ‖ / ‖y‖ over all of them."""
+    cos, err, norm = [], 0.0, 0.0
+    for x in inputs:
+        y, y_hat = _first_tensor(reference(x)).float(), _first_tensor(module(x)).float()
+        y, y_hat = y.reshape(y.shape[0], -1), y_hat.reshape(y.shape[0], -1)
+        cos.append(F.cosine_similarity(y, y_hat, dim=-1))
+        err += float((y - y_hat).pow(2).sum())
+        norm += float(y.pow(2).sum())
+    c = torch.cat(cos)
+    return {"cosine": float(c.mean()), "cosine_min": float(c.min()), "relative_rms_error": math.sqrt(err / norm),
+            "examples": int(c.numel()), "inputs": "seeded standard-normal inputs of the example input's shape"}
+
+
+def _first_tensor(out) -> torch.Tensor:
+    """A module's output tensor: itself, a model output's first field, or a tuple's first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "values"):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise SquashError(f"the module returns {type(out).__name__}; squash compares tensor outputs")

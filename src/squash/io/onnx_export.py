@@ -84,9 +84,12 @@ def export_onnx(model: Model, path: str | os.PathLike, *, int4: str = "auto") ->
     if model.kind == "causal-lm":
         raise SquashError(f"{model.name}: ONNX export supports encoder and classifier models, not causal-lm "
                           "(a generating language model needs a KV-cache graph squash does not write)")
-    if model.kind not in ("encoder", "classifier"):
-        raise SquashError(f"{model.name}: ONNX export supports encoder and classifier models, not {model.kind!r} "
-                          "(squash does not know this module's inputs)")
+    if model.kind == "module" and not (model.config or {}).get("input"):
+        raise SquashError(f"{model.name}: squash does not know this module's input; load it with "
+                          "squash.load(module, example_input=<one batch>) to export it")
+    if model.kind not in ("encoder", "classifier", "module"):
+        raise SquashError(f"{model.name}: ONNX export supports encoder, classifier and torch module models, not "
+                          f"{model.kind!r}")
 
     wrapper, args, names, dynamic = _export_module(model)
     stubs = _install_stubs(wrapper)
@@ -191,6 +194,12 @@ def _export_module(model: Model):
         outputs = ["last_hidden_state", "sentence_embedding"]
         dynamic = {n: {0: "batch", 1: "sequence"} for n in inputs + ["last_hidden_state"]}
         dynamic["sentence_embedding"] = {0: "batch"}
+    elif model.kind == "module":  # a torch module: its example input's shape, the batch left dynamic
+        spec = model.config["input"]
+        wrapper = module
+        args = (torch.zeros(*spec["shape"], dtype=getattr(torch, spec.get("dtype", "float32"))),)
+        inputs, outputs = ["input"], ["output"]
+        dynamic = {"input": {0: "batch"}, "output": {0: "batch"}}
     else:  # classifier: digits-cnn, images (B, 1, 8, 8)
         wrapper = module
         args = (torch.zeros(2, 1, 8, 8),)
