@@ -44,9 +44,9 @@ def gemma_path() -> Path:
 
 
 def squash_decode(module, ids, n: int) -> tuple[float, list[int]]:
-    from squash.runtime.llama import Decoder
+    from squash.runtime.llama import make_decoder
 
-    dec = Decoder(module, max_len=len(ids) + n + 2)
+    dec = make_decoder(module, max_len=len(ids) + n + 2)
     new, timing = dec.generate(ids, n)
     return timing.decode_tps, new
 

@@ -192,14 +192,14 @@ def test_packed_runtime_matches_reference(arch, arch_models, tmp_path):
     assert rel <= 1e-4, rel
 
 
-FAST = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+FAST = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "opt"]
 
 
 @pytest.mark.parametrize("arch", FAST)
 def test_fast_decoder_matches_reference(arch, arch_models, tmp_path):
     """The lean decoder on packed weights against transformers' forward on the reference modules, over 44
     tokens (past the 32-token sliding windows), whole and token by token through the cache."""
-    from squash.runtime.llama import Decoder
+    from squash.runtime.llama import make_decoder
     from squash.runtime.packed import load_packed
 
     model = squash.load(arch_models[arch])
@@ -209,22 +209,44 @@ def test_fast_decoder_matches_reference(arch, arch_models, tmp_path):
     assert len(ids) == 44
     with torch.inference_mode():
         ref = small.module(ids[None]).logits[0]
-    dec = Decoder(fast.module, max_len=64)
+    dec = make_decoder(fast.module, max_len=64)
     whole = dec.forward(ids, 0, last_only=False)
     _rel_close(whole, ref, 1e-4)
-    dec = Decoder(fast.module, max_len=64)
+    dec = make_decoder(fast.module, max_len=64)
     steps = [dec.forward(ids[:30], 0)[-1]] + [dec.forward(ids[t:t + 1], t)[-1] for t in range(30, 44)]
     _rel_close(torch.stack(steps), ref[29:], 1e-4)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt"])
-def test_generate_runs_where_the_fast_decoder_does_not(arch, arch_models, tmp_path, capsys):
+def test_generate_runs_on_the_lean_decoder(arch, arch_models, tmp_path, capsys):
     import squash.cli
 
     small = squash.compress(squash.load(arch_models[arch]), squash.load_recipe("int8"))
     path = squash.save(small, tmp_path / "m.squash")
     assert squash.cli.main(["generate", str(path), "Lists are", "--max-new-tokens", "5", "--raw"]) == 0
-    assert "fast decoder unavailable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "decode" in err and "unavailable" not in err
+
+
+def test_positional_decoder_post_norm_opt():
+    """OPT-350m norms after each residual (do_layer_norm_before off) and projects in and out of a narrower
+    embedding: the decoder follows both."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from squash.runtime.llama import make_decoder
+
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=2,
+                    word_embed_proj_dim=32, max_position_embeddings=128, do_layer_norm_before=False)
+    torch.manual_seed(0)
+    module = OPTForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = module(ids[None]).logits[0]
+    dec = make_decoder(module, max_len=64)
+    _rel_close(dec.forward(ids, 0, last_only=False), ref, 1e-5)
+    dec = make_decoder(module, max_len=64)
+    steps = [dec.forward(ids[:12], 0)[-1]] + [dec.forward(ids[t:t + 1], t)[-1] for t in range(12, 20)]
+    _rel_close(torch.stack(steps), ref[11:], 1e-5)
 
 
 TEXT = ("The for statement in Python differs a bit from what you may be used to in C or Pascal. Rather than always "
@@ -276,8 +298,8 @@ def test_guard_passes_a_good_run_and_names_float_layers(arch_models, tmp_path, c
     listed = json.loads(capsys.readouterr().out)
     assert any(t["name"].endswith("attn.c_attn.weight") for t in listed["tensors"])
     assert math.isfinite(report["quality"]["kl"])
-    # a language model's report measures decoding, on transformers' loop here (GPT-2: no lean decoder)
-    assert report["decode"]["compressed_tps"] > 0 and "transformers" in report["decode"]["runtime"]
+    # a language model's report measures decoding: GPT-2 on the positional lean decoder
+    assert report["decode"]["compressed_tps"] > 0 and "lean decoder" in report["decode"]["runtime"]
 
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",

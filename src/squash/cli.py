@@ -187,11 +187,11 @@ def cmd_generate(args) -> int:
     torch.manual_seed(args.seed)
     decoder = None
     if not args.reference:
-        from squash.runtime.llama import Decoder
+        from squash.runtime.llama import make_decoder
 
         try:
-            decoder = Decoder(small.module, max_len=ids.shape[1] + args.max_new_tokens + 1)
-        except SquashError as e:  # not a LLaMA-style model: transformers' generate on the packed modules
+            decoder = make_decoder(small.module, max_len=ids.shape[1] + args.max_new_tokens + 1)
+        except SquashError as e:  # a layout neither decoder knows: transformers' generate on the packed modules
             err.print(f"fast decoder unavailable ({e}); using transformers' generate")
     if decoder is not None:
         gen = torch.Generator().manual_seed(args.seed)

@@ -111,15 +111,15 @@ def decode_speed(compressed: torch.nn.Module, reference: torch.nn.Module, tokeni
     the packed weights, or transformers' loop on the packed modules where the decoder does not cover the
     architecture. Alternated, median of `repeats`."""
     from squash.errors import SquashError
-    from squash.runtime.llama import Decoder
+    from squash.runtime.llama import make_decoder
 
     prompt = tokenizer(evaluation_text()[:2000], return_tensors="pt")["input_ids"][0, :32]
     try:
-        Decoder(compressed, max_len=len(prompt) + tokens + 2)
+        make_decoder(compressed, max_len=len(prompt) + tokens + 2)
         how = "squash's lean decoder"
 
         def run_compressed():
-            return Decoder(compressed, max_len=len(prompt) + tokens + 2).generate(prompt, tokens)[1].decode_tps
+            return make_decoder(compressed, max_len=len(prompt) + tokens + 2).generate(prompt, tokens)[1].decode_tps
     except SquashError:
         how = "transformers' loop on the packed modules"
 

@@ -81,7 +81,56 @@ class Timing:
         return self.decode_tokens / self.decode_s if self.decode_s else float("nan")
 
 
-class Decoder:
+class KVDecoder:
+    """What every batch-1 decoder shares: a KV cache (layers, heads, positions, D) grown on demand, and the
+    generation loop. A subclass sets k_cache, v_cache and max_len and implements forward(ids, pos, last_only)."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    max_len: int
+
+    def _grow(self, need: int) -> None:
+        """Room for `need` positions (doubling, at most max_len): the cache is sized by the text, not the limit."""
+        cap = min(self.max_len, max(need, 2 * self.k_cache.shape[2], 256))
+        grow = lambda c: torch.cat([c, c.new_zeros(c.shape[0], c.shape[1], cap - c.shape[2], c.shape[3])], 2)
+        self.k_cache, self.v_cache = grow(self.k_cache), grow(self.v_cache)
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, eos: int | None = None,
+                 generator: torch.Generator | None = None, repetition_penalty: float = 1.0
+                 ) -> tuple[list[int], Timing]:
+        """Greedy (temperature 0) or sampled continuation of `ids` (T,); returns the new ids and timings.
+        repetition_penalty p: logits of tokens already seen are divided by p when positive, multiplied when
+        negative (transformers' rule)."""
+        timing = Timing()
+        t0 = time.perf_counter()
+        logits = self.forward(ids, 0)
+        timing.prefill_tokens, timing.prefill_s = len(ids), time.perf_counter() - t0
+        out: list[int] = []
+        pos = len(ids)
+        for _ in range(max_new_tokens):
+            last = logits[-1]
+            if repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(ids.tolist()) | set(out)))
+                vals = last[seen]
+                last = last.clone()
+                last[seen] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
+            nxt = _pick(last, temperature, generator)
+            out.append(nxt)
+            if (eos is not None and nxt == eos) or len(out) == max_new_tokens:
+                break
+            t = time.perf_counter()
+            logits = self.forward(torch.tensor([nxt]), pos)
+            timing.per_token_s.append(time.perf_counter() - t)
+            pos += 1
+        timing.decode_tokens, timing.decode_s = len(timing.per_token_s), sum(timing.per_token_s)
+        return out, timing
+
+
+_EMPTY = torch.empty(0)
+
+
+
+class Decoder(KVDecoder):
     """Batch-1 inference over a transformers decoder's (possibly compressed) modules: the LLaMA family and its
     relatives, read from the module graph rather than a list of names of architectures.
 
@@ -146,12 +195,6 @@ class Decoder:
                           and _is_silu(L["act"]) and abs(L["scaling"] * math.sqrt(self.head_dim) - 1) < 1e-6
                           for L in self.layers)
                       and len(self.rope) == 1 and self.final_softcap is None and self.embed_factor == 1.0)
-
-    def _grow(self, need: int) -> None:
-        """Room for `need` positions (doubling, at most max_len): the cache is sized by the text, not the limit."""
-        cap = min(self.max_len, max(need, 2 * self.k_cache.shape[2], 256))
-        grow = lambda c: torch.cat([c, c.new_zeros(c.shape[0], c.shape[1], cap - c.shape[2], c.shape[3])], 2)
-        self.k_cache, self.v_cache = grow(self.k_cache), grow(self.v_cache)
 
     def _rms(self, h, g):
         return F.rms_norm(h, g.shape, g, self.eps)  # h · rsqrt(mean(h²) + ε) · g
@@ -224,38 +267,19 @@ class Decoder:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
 
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, eos: int | None = None,
-                 generator: torch.Generator | None = None, repetition_penalty: float = 1.0
-                 ) -> tuple[list[int], Timing]:
-        """Greedy (temperature 0) or sampled continuation of `ids` (T,); returns the new ids and timings.
-        repetition_penalty p: logits of tokens already seen are divided by p when positive, multiplied when
-        negative (transformers' rule)."""
-        timing = Timing()
-        t0 = time.perf_counter()
-        logits = self.forward(ids, 0)
-        timing.prefill_tokens, timing.prefill_s = len(ids), time.perf_counter() - t0
-        out: list[int] = []
-        pos = len(ids)
-        for _ in range(max_new_tokens):
-            last = logits[-1]
-            if repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(ids.tolist()) | set(out)))
-                vals = last[seen]
-                last = last.clone()
-                last[seen] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
-            nxt = _pick(last, temperature, generator)
-            out.append(nxt)
-            if (eos is not None and nxt == eos) or len(out) == max_new_tokens:
-                break
-            t = time.perf_counter()
-            logits = self.forward(torch.tensor([nxt]), pos)
-            timing.per_token_s.append(time.perf_counter() - t)
-            pos += 1
-        timing.decode_tokens, timing.decode_s = len(timing.per_token_s), sum(timing.per_token_s)
-        return out, timing
 
+def make_decoder(module: nn.Module, max_len: int = 2048) -> KVDecoder:
+    """The lean batch-1 decoder for `module`: Decoder (RMSNorm + rope families) or PositionalDecoder (LayerNorm
+    + learned positions: GPT-2, OPT). One SquashError naming both when neither fits."""
+    from squash.runtime.gpt import PositionalDecoder
 
-_EMPTY = torch.empty(0)
+    try:
+        return Decoder(module, max_len)
+    except SquashError as first:
+        try:
+            return PositionalDecoder(module, max_len)
+        except SquashError as second:
+            raise SquashError(f"{first}; {second}") from None
 
 
 def norm_gain(norm: nn.Module) -> torch.Tensor:
