@@ -136,7 +136,15 @@ def test_digits_other_encodings(digits, digits_x, tmp_path, name):
     got = run_digits(tmp_path / "d.onnx", digits_x)
     with torch.inference_mode():
         ref = small.module(digits_x).numpy()
-    assert_close(got, ref)
+    if name != "w8a8":
+        assert_close(got, ref)
+        return
+    # w8a8 rounds activations too: an activation within float error of a rounding boundary may round one step
+    # the other way in ONNX Runtime (seen: one image of 360 on a freshly trained digits-cnn, 1.8e-3 of max |logit|).
+    # Nearly every image matches exactly; none moves by more than a few activation steps.
+    per_image = np.abs(got - ref).max(1) / np.abs(ref).max()
+    assert (per_image <= REL_TOL).mean() >= 0.99, np.sort(per_image)[-5:]
+    assert per_image.max() <= 1e-2, per_image.max()
 
 
 BERT_RECIPES = {
