@@ -367,7 +367,8 @@ def module_config(module: nn.Module, example_input: torch.Tensor | None, constru
     if kwargs is not None and constructor is None:
         raise SquashError("kwargs without a constructor: give constructor='package.module:Class' too")
     cls = type(module)
-    if constructor is None:
+    inferred = constructor is None
+    if inferred:
         if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
             return config  # not importable from elsewhere: load_squash will need module=
         params = inspect.signature(cls.__init__).parameters.values()
@@ -378,10 +379,17 @@ def module_config(module: nn.Module, example_input: torch.Tensor | None, constru
         json.dumps(kwargs or {})
     except TypeError as e:
         raise SquashError(f"kwargs must be JSON values (numbers, strings, lists, dicts): {e}") from None
-    built = construct(constructor, kwargs or {})
+    try:
+        built = construct(constructor, kwargs or {})
+    except FormatError:
+        if inferred:
+            return config  # the class does not build without arguments: load_squash will need module=
+        raise
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in built.state_dict().items()}
     if want != got:
+        if inferred:  # its no-argument form is another architecture (nn.Sequential(), a width default)
+            return config
         diff = sorted(set(want.items()) ^ set(got.items()))[:1]
         raise SquashError(f"constructor {constructor!r} builds a different architecture than the module given "
                           f"(first difference: {diff}); pass the kwargs that build it")

@@ -215,9 +215,129 @@ void dequant_rows_scalar(const Args& a, int64_t n0, int64_t n1, float* out) {
     }
 }
 
+// ---------------------------------------------------------------- AVX2 + FMA (CPUs without AVX-512)
+// The same products 8 weights at a time. Codes are whole 8- or 32-weight chunks here; what a block leaves over
+// (a row length that is not a multiple of 8 or 32) goes through the scalar level lookup.
+
+#define SQUASH_AVX2 __attribute__((target("avx2,fma")))
+
+// 8 dequantised weights s·(c − z) of an 8-bit row, k … k + 7.
+SQUASH_AVX2 inline __m256 weights8_avx2(const uint8_t* row, int64_t k, __m256 s, __m256 zs) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+  return _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), s, zs);
+}
+
+// G[c] for 8 codes c ∈ 0 … 15: two 8-entry permutes, bit 3 of c (moved to the sign bit) picks between them.
+SQUASH_AVX2 inline __m256 lookup16(__m256i c, __m256 glo, __m256 ghi) {
+  const __m256 lo = _mm256_permutevar8x32_ps(glo, c), hi = _mm256_permutevar8x32_ps(ghi, c);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+}
+
+// One 32-code chunk (16 bytes: byte i = c[i] | c[i + 16] << 4) → 4 vectors: weights k … k+7, k+8 … 15,
+// k+16 … 23, k+24 … 31.
+SQUASH_AVX2 inline void weights4_avx2(const uint8_t* bytes, __m256 glo, __m256 ghi, __m256 s, __m256 zs,
+                                      __m256 (&w)[4]) {
+  const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8)));
+  const __m256i nib = _mm256_set1_epi32(0xF);
+  w[0] = _mm256_fmsub_ps(lookup16(_mm256_and_si256(lo, nib), glo, ghi), s, zs);
+  w[1] = _mm256_fmsub_ps(lookup16(_mm256_and_si256(hi, nib), glo, ghi), s, zs);
+  w[2] = _mm256_fmsub_ps(lookup16(_mm256_srli_epi32(lo, 4), glo, ghi), s, zs);
+  w[3] = _mm256_fmsub_ps(lookup16(_mm256_srli_epi32(hi, 4), glo, ghi), s, zs);
+}
+
+SQUASH_AVX2 inline float hsum_avx2(__m256 v) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+}
+
+template <int MB>
+SQUASH_AVX2 void row_avx2(const Args& a, int64_t n, int64_t m0) {
+  const uint8_t* row = a.codes + n * a.row_bytes;
+  const float* g = a.bits == 4 ? a.grid + (a.grid_rows == 1 ? 0 : n * 16) : nullptr;
+  const __m256 glo = g ? _mm256_loadu_ps(g) : _mm256_setzero_ps(), ghi = g ? _mm256_loadu_ps(g + 8) : glo;
+  __m256 acc[MB][2];
+  float tail[MB];
+  for (int j = 0; j < MB; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps(), tail[j] = 0.f;
+  for (int64_t b = 0; b < a.nblocks; ++b) {
+    const float sf = a.scale[n * a.nblocks + b], z = a.zero[(n * a.nblocks + b) * a.zstep];
+    const __m256 s = _mm256_set1_ps(sf), zs = _mm256_set1_ps(sf * z);
+    const int64_t k1 = std::min(a.K, (b + 1) * a.block);
+    int64_t k = b * a.block;
+    if (a.bits == 8) {
+      for (; k + 16 <= k1; k += 16) {
+        const __m256 w0 = weights8_avx2(row, k, s, zs), w1 = weights8_avx2(row, k + 8, s, zs);
+        for (int j = 0; j < MB; ++j) {
+          const float* xr = a.x + (m0 + j) * a.K + k;
+          acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[j][0]);
+          acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w1, acc[j][1]);
+        }
+      }
+    } else {  // k is a multiple of 32 here: blocks are multiples of 32 or the whole row
+      for (; k + 32 <= k1; k += 32) {
+        __m256 w[4];
+        weights4_avx2(row + k / 2, glo, ghi, s, zs, w);
+        for (int j = 0; j < MB; ++j) {
+          const float* xr = a.x + (m0 + j) * a.K + k;
+          for (int u = 0; u < 4; ++u) acc[j][u & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8 * u), w[u], acc[j][u & 1]);
+        }
+      }
+    }
+    for (; k < k1; ++k) {  // the row's ragged end
+      const float wv = sf * (level_scalar(a, n, k) - z);
+      for (int j = 0; j < MB; ++j) tail[j] += a.x[(m0 + j) * a.K + k] * wv;
+    }
+  }
+  for (int j = 0; j < MB; ++j) a.y[(m0 + j) * a.N + n] = hsum_avx2(_mm256_add_ps(acc[j][0], acc[j][1])) + tail[j];
+}
+
+SQUASH_AVX2 void rows_avx2(const Args& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) row_avx2<4>(a, n, m);
+    switch (a.M - m) {
+      case 3: row_avx2<3>(a, n, m); break;
+      case 2: row_avx2<2>(a, n, m); break;
+      case 1: row_avx2<1>(a, n, m); break;
+      default: break;
+    }
+  }
+}
+
+SQUASH_AVX2 void dequant_rows_avx2(const Args& a, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = a.codes + n * a.row_bytes;
+    float* o = out + (n - n0) * a.K;
+    const float* g = a.bits == 4 ? a.grid + (a.grid_rows == 1 ? 0 : n * 16) : nullptr;
+    const __m256 glo = g ? _mm256_loadu_ps(g) : _mm256_setzero_ps(), ghi = g ? _mm256_loadu_ps(g + 8) : glo;
+    for (int64_t b = 0; b < a.nblocks; ++b) {
+      const float sf = a.scale[n * a.nblocks + b], z = a.zero[(n * a.nblocks + b) * a.zstep];
+      const __m256 s = _mm256_set1_ps(sf), zs = _mm256_set1_ps(sf * z);
+      const int64_t k1 = std::min(a.K, (b + 1) * a.block);
+      int64_t k = b * a.block;
+      if (a.bits == 8) {
+        for (; k + 8 <= k1; k += 8) _mm256_storeu_ps(o + k, weights8_avx2(row, k, s, zs));
+      } else {
+        for (; k + 32 <= k1; k += 32) {
+          __m256 w[4];
+          weights4_avx2(row + k / 2, glo, ghi, s, zs, w);
+          for (int u = 0; u < 4; ++u) _mm256_storeu_ps(o + k + 8 * u, w[u]);
+        }
+      }
+      for (; k < k1; ++k) o[k] = sf * (level_scalar(a, n, k) - z);
+    }
+  }
+}
+
 bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 
@@ -256,10 +376,10 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor codes, int64_t bits, torch:
   a.x = x.data_ptr<float>();
   a.M = M;
   a.y = y.data_ptr<float>();
-  const bool simd = vector && has_avx512();
+  const bool simd = vector && has_avx512(), simd2 = vector && !simd && has_avx2();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (simd) rows_avx512(a, n0, n1); else rows_scalar(a, n0, n1);
+    if (simd) rows_avx512(a, n0, n1); else if (simd2) rows_avx2(a, n0, n1); else rows_scalar(a, n0, n1);
   });
   return y;
 }
@@ -274,9 +394,12 @@ torch::Tensor dequantize(int64_t K, torch::Tensor codes, int64_t bits, torch::Te
   TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == n1 - n0 &&
               out.size(1) == K, "out: contiguous float32 (rows, K)");
   float* o = out.data_ptr<float>();
-  const bool simd = vector && has_avx512();
+  const bool simd = vector && has_avx512(), simd2 = vector && !simd && has_avx2();
   at::parallel_for(n0, n1, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
-    if (simd) dequant_rows_avx512(a, r0, r1, o + (r0 - n0) * K); else dequant_rows_scalar(a, r0, r1, o + (r0 - n0) * K);
+    float* dst = o + (r0 - n0) * K;
+    if (simd) dequant_rows_avx512(a, r0, r1, dst);
+    else if (simd2) dequant_rows_avx2(a, r0, r1, dst);
+    else dequant_rows_scalar(a, r0, r1, dst);
   });
   return out;
 }
@@ -850,6 +973,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "y = x · Ŵᵀ from packed 8- or 4-bit codes (see kernels.cpp)");
   m.def("dequantize", &dequantize, "rows [n0, n1) of Ŵ as float32");
   m.def("has_avx512", &has_avx512);
+  m.def("has_avx2", &has_avx2);
   m.def("has_vnni", &has_vnni);
   m.def("quantize_chunks", &quantize_chunks, "x rounded to int8 per 32-chunk: q, d repeated ×8, E per block");
   m.def("qmatmul_i8", &qmatmul_i8, "y = x·Ŵᵀ with int8 activations per 32-chunk (VNNI); uniform codes");
