@@ -8,6 +8,8 @@ nothing is downloaded), compressed with a recipe (int8 by default), put on squas
     float       transformers' forward with its KV cache, float32, greedy, batch 1
     squash      the lean decoder over the packed weights where it covers the architecture, else transformers'
                 loop on the packed modules (what `squash generate` runs)
+    float lean  the same lean decoder on the float model: how much of the gain is the decoder's lower overhead
+                (transformers' per-token Python and dispatch) rather than the packed weights
 
 32-token prompt, 32 new tokens, 2 threads, alternated, median of 3. Writes bench/results/arch_speed.md / .json.
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -90,19 +91,28 @@ def main() -> int:
 
                 def run():
                     return hf_decode_tps(fast, prompt, NEW)
-            run(), hf_decode_tps(module, prompt, NEW)  # warm-up
-            rates = {"float": [], "squash": []}
+            def run_float_lean():
+                with torch.inference_mode():
+                    return make_decoder(module, max_len=PROMPT + NEW + 2).generate(prompt, NEW)[1].decode_tps
+
+            run(), hf_decode_tps(module, prompt, NEW), run_float_lean()  # warm-up
+            rates = {"float": [], "squash": [], "float_lean": []}
             for _ in range(ROUNDS):
                 rates["float"].append(hf_decode_tps(module, prompt, NEW))
                 rates["squash"].append(run())
+                rates["float_lean"].append(run_float_lean())
             f, s = statistics.median(rates["float"]), statistics.median(rates["squash"])
+            fl = statistics.median(rates["float_lean"])
             row = {"family": family, "recipe": name, "parameters": params, "float_tps": f, "squash_tps": s,
-                   "speedup": s / f, "runtime": how, "packed": runtime}
+                   "speedup": s / f, "float_lean_tps": fl, "speedup_vs_float_lean": s / fl, "runtime": how,
+                   "packed": runtime}
             rows.append(row)
             print(json.dumps(row), flush=True)
             del small, fast
         del model, module
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(), "threads": 2,
+    from presets_table import cpu_name  # one reader of /proc/cpuinfo for every bench script
+
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "threads": 2,
             "torch": torch.__version__, "seconds": round(time.perf_counter() - started),
             "command": "python bench/arch_speed.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(exist_ok=True)
@@ -110,12 +120,14 @@ def main() -> int:
     lines = [f"Measured {meta['date']}, 2 threads, torch {meta['torch']}, by `{meta['command'].strip()}` "
              f"({meta['seconds']} s). Random-weight models of each family built from transformers configs "
              f"(hidden 768, 12 layers, vocabulary {VOCAB:,}); greedy decoding at batch 1, {PROMPT}-token prompt, "
-             f"{NEW} new tokens, median of {ROUNDS} alternated rounds.", "",
-             "| family | parameters | recipe | float32 transformers tok/s | squash tok/s | speed-up | squash runs on |",
-             "|---|---:|---|---:|---:|---:|---|"]
+             f"{NEW} new tokens, median of {ROUNDS} alternated rounds, on {meta['cpu']}.", "",
+             "| family | parameters | recipe | float32 transformers tok/s | squash tok/s | speed-up | "
+             "float32 on squash's decoder tok/s | packed vs float, same decoder | squash runs on |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['parameters'] / 1e6:.0f} M | {r['recipe']} | {r['float_tps']:.1f} | "
-                     f"{r['squash_tps']:.1f} | {r['speedup']:.2f}× | {r['runtime']} |")
+                     f"{r['squash_tps']:.1f} | {r['speedup']:.2f}× | {r['float_lean_tps']:.1f} | "
+                     f"{r['speedup_vs_float_lean']:.2f}× | {r['runtime']} |")
     (RESULTS / "arch_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
