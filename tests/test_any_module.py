@@ -141,6 +141,8 @@ def test_constructor_needs_arguments_or_module(tmp_path):
         squash.load(net, constructor="os:getcwd")  # a file never names anything else to call
     with pytest.raises(SquashError, match="cannot be imported"):
         squash.load(net, constructor="no_such_package.nets:Net")
+    with pytest.raises(SquashError, match="starting with '_'"):  # pkg.__main__ would run a program on import
+        squash.load(net, constructor="unittest.__main__:X")
     # a class whose no-argument form is another architecture is simply not recorded (nn.Sequential)
     seq = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     assert "constructor" not in squash.load(seq).config

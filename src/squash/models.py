@@ -398,19 +398,23 @@ def module_config(module: nn.Module, example_input: torch.Tensor | None, constru
 
 
 def construct(reference: str, kwargs: dict) -> nn.Module:
-    """Build `reference` ("package.module:Class") with `kwargs`. Only an nn.Module subclass is called: a file
-    that names a function or any other callable is refused, so loading a file never runs more than a model's
-    constructor."""
+    """Build `reference` ("package.module:Class") with `kwargs`. The module is imported as any installed package
+    is (names with a part starting with '_', such as `pkg.__main__`, are refused), and only an nn.Module
+    subclass is called: a file that names a function or any other callable is refused, so loading a file runs
+    no more than an installed module's import and a model's constructor."""
     import importlib
 
     mod_name, _, qual = reference.partition(":")
-    if not mod_name or not qual:
+    parts = mod_name.split(".") + qual.split(".")
+    if not mod_name or not qual or not all(p.isidentifier() for p in parts):
         raise FormatError(f"constructor {reference!r}: expected 'package.module:Class'")
+    if any(p.startswith("_") for p in parts):  # pkg.__main__ and private names run code on import or are not API
+        raise FormatError(f"constructor {reference!r}: names starting with '_' are refused")
     try:
         obj = importlib.import_module(mod_name)
         for part in qual.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
+    except (Exception, SystemExit) as e:  # whatever the module's import raises: one line, not a traceback
         raise FormatError(f"constructor {reference!r} cannot be imported here ({_first_line(e)}); install its "
                           "package or load with squash.load_squash(path, module=...)") from None
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):

@@ -124,12 +124,15 @@ def module_quality(module, reference, inputs: list[torch.Tensor]) -> dict:
     cos, err, norm = [], 0.0, 0.0
     for x in inputs:
         y, y_hat = _first_tensor(reference(x)).float(), _first_tensor(module(x)).float()
+        if y.dim() == 0 or y.shape != y_hat.shape:
+            raise SquashError(f"the module's output has shape {tuple(y.shape)}; squash compares batched outputs")
         y, y_hat = y.reshape(y.shape[0], -1), y_hat.reshape(y.shape[0], -1)
         cos.append(F.cosine_similarity(y, y_hat, dim=-1))
         err += float((y - y_hat).pow(2).sum())
         norm += float(y.pow(2).sum())
     c = torch.cat(cos)
-    return {"cosine": float(c.mean()), "cosine_min": float(c.min()), "relative_rms_error": math.sqrt(err / norm),
+    rel = math.sqrt(err / norm) if norm > 0 else (0.0 if err == 0 else math.inf)
+    return {"cosine": float(c.mean()), "cosine_min": float(c.min()), "relative_rms_error": rel,
             "examples": int(c.numel()), "inputs": "seeded standard-normal inputs of the example input's shape"}
 
 

@@ -128,16 +128,32 @@ def hyperparameters(arch: Arch, cfg) -> dict[str, tuple[str, object]]:
         out["attention.value_length"] = ("UINT32", head_dim)
     if arch.gguf.startswith("gemma"):
         window = getattr(cfg, "sliding_window", None)
-        types = list(getattr(cfg, "layer_types", None) or [])
-        if window and types and "sliding_attention" in types:
+        types = layer_types(arch, cfg)
+        if window and "sliding_attention" in types:
             out["attention.sliding_window"] = ("UINT32", int(window))
             out["attention.sliding_window_pattern"] = ("BOOL", [t == "sliding_attention" for t in types])
-            local = rope.get("sliding_attention", full)
+            # transformers 4.x kept Gemma 3's local θ apart (rope_local_base_freq), 5.x per layer type
+            local = rope.get("sliding_attention") or {"rope_theta": getattr(cfg, "rope_local_base_freq", None)
+                                                      or full.get("rope_theta")}
             out["rope.freq_base_swa"] = ("FLOAT32", float(local.get("rope_theta") or 10000.0))
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if getattr(cfg, key, None):
                 out[key] = ("FLOAT32", float(getattr(cfg, key)))
     return {f"{arch.gguf}.{k}": v for k, v in out.items()}
+
+
+def layer_types(arch: Arch, cfg) -> list[str]:
+    """"sliding_attention" / "full_attention" per layer: the config's list, or from its pattern (transformers
+    4.x: every n-th layer global, Gemma 2 alternating), or all full."""
+    n = cfg.num_hidden_layers
+    types = list(getattr(cfg, "layer_types", None) or [])
+    if len(types) == n:
+        return types
+    every = getattr(cfg, "sliding_window_pattern", None) or getattr(cfg, "_sliding_window_pattern", None) or \
+        (2 if arch.gguf == "gemma2" else None)
+    if every and getattr(cfg, "sliding_window", None):
+        return ["full_attention" if (i + 1) % int(every) == 0 else "sliding_attention" for i in range(n)]
+    return ["full_attention"] * n
 
 
 def ignored_features(arch: Arch, cfg) -> list[str]:

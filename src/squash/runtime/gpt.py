@@ -41,7 +41,7 @@ class PositionalDecoder(KVDecoder):
                 if getattr(a, "is_cross_attention", False):
                     raise SquashError("cross-attention GPT-2 layers are not supported by the positional decoder")
                 self.layers.append(dict(n1=blk.ln_1, n2=blk.ln_2, qkv=a.c_attn, o=a.c_proj, up=m.c_fc, act=m.act,
-                                        down=m.c_proj, scaling=float(a.scaling)))
+                                        down=m.c_proj, scaling=_gpt2_scaling(a)))
             self.n_heads = cfg.n_head
         elif opt is not None and hasattr(opt, "embed_positions") and hasattr(opt, "layers"):
             self.embed, self.pos_table, self.final_norm = opt.embed_tokens, opt.embed_positions, opt.final_layer_norm
@@ -104,3 +104,14 @@ def _table_rows(table: nn.Module) -> int:
     w = getattr(table, "weight", None)
     rows = w.shape[0] if w is not None else getattr(table, "num_embeddings", 0)
     return rows - getattr(table, "offset", 0)
+
+
+def _gpt2_scaling(attn: nn.Module) -> float:
+    """The factor on q·kᵀ: the module's own `scaling` where transformers has it, else from its flags
+    (1/√D when scale_attn_weights, divided by layer_idx + 1 when scale_attn_by_inverse_layer_idx)."""
+    if getattr(attn, "scaling", None) is not None:
+        return float(attn.scaling)
+    s = attn.head_dim ** -0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
+    if getattr(attn, "scale_attn_by_inverse_layer_idx", False):
+        s /= float(attn.layer_idx + 1)
+    return s
