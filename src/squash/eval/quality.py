@@ -106,6 +106,11 @@ def classifier_quality(module, reference) -> dict:
 MODULE_BATCHES = 4
 
 
+def has_example_input(model) -> bool:
+    """Whether a plain module was loaded with an example input (squash.load(module, example_input=...))."""
+    return bool((model.config or {}).get("input"))
+
+
 def module_inputs(model, batches: int = 1) -> list[torch.Tensor]:
     """Seeded standard-normal batches of a plain module's example input shape (config["input"]); [] without
     one. A module has no data squash knows, so its outputs are compared on these (say so where shown)."""

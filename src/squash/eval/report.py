@@ -14,8 +14,8 @@ import time
 import torch
 
 from squash.data import evaluation_text, paragraphs
-from squash.eval.quality import (MODULE_BATCHES, EvalSize, Progress, classifier_quality, encoder_quality, lm_quality,
-                                 lm_windows, module_inputs, module_quality)
+from squash.eval.quality import (MODULE_BATCHES, EvalSize, Progress, classifier_quality, encoder_quality,
+                                 has_example_input, lm_quality, lm_windows, module_inputs, module_quality)
 from squash.models import Model, tokenizer_for
 from squash.recipe import float_weight_bytes, stored_weight_bytes
 
@@ -44,13 +44,13 @@ def evaluate(model: Model, reference: Model, size: EvalSize = EvalSize(), repeat
         report["quality"] = encoder_quality(model.module, reference.module, tokenizer, size, progress)
     elif model.kind == "classifier":
         report["quality"] = classifier_quality(model.module, reference.module)
-    elif module_inputs(model):
+    elif has_example_input(model):
         report["quality"] = module_quality(model.module, reference.module, module_inputs(model, MODULE_BATCHES))
     from squash.eval.guard import layer_inputs, layer_table
 
     report["layers"] = layer_table(model, reference, layer_inputs(model, tokenizer))
     report["layers_float"] = {n: why.removeprefix("float: ") for n, why in model.layers.items() if why.startswith("float")}
-    if model.kind == "module" and not module_inputs(model):  # no example input to time it on
+    if model.kind == "module" and not has_example_input(model):  # no example input to time it on
         report["latency"] = {}
         return report
     fast, runtime = _runnable(model)  # one packed copy serves both speed measurements
@@ -72,7 +72,7 @@ def example_input(model: Model, tokenizer) -> dict:
         from squash.digits import digits_split
 
         return {"x": digits_split()["x_test"][:64]}
-    if model.kind == "module" and module_inputs(model):
+    if model.kind == "module" and has_example_input(model):
         first = next(iter(inspect.signature(model.module.forward).parameters))
         return {first: module_inputs(model)[0]}
     raise ValueError(f"no example input for a {model.kind} model")
@@ -81,7 +81,7 @@ def example_input(model: Model, tokenizer) -> dict:
 @torch.inference_mode()
 def latency(model: Model, reference: Model, tokenizer, repeats: int = 5, runnable=None) -> dict:
     """Forward latency in ms of both models on the same input, alternated; median, min, max."""
-    if model.kind == "module" and not module_inputs(model):
+    if model.kind == "module" and not has_example_input(model):
         return {}
     inputs = example_input(model, tokenizer)
     compressed, runtime = runnable or _runnable(model)

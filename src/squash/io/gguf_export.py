@@ -768,8 +768,8 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
 
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    jobs = _jobs(model, arch)
-    state = {k: v for k, v in model.module.state_dict().items()}
+    state = model.module.state_dict()
+    jobs = _jobs(model, arch, state)
     src_types = {}
     if reader is not None:
         src_types = {t.name: t.tensor_type.name for t in reader.tensors}
@@ -890,7 +890,7 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
     return _report(path, written, src, main_type, notes)
 
 
-def _jobs(model, arch) -> list[tuple[str, str]]:
+def _jobs(model, arch, state: dict) -> list[tuple[str, str]]:
     """(Hugging Face name, GGUF name) of every tensor to write, in the model's order: each compressed tensor
     and float parameter once; a tied output head left to token_embd (llama.cpp reads it when `output` is
     absent); buffers llama.cpp computes itself (rotary tables, causal masks) left out. A parameter llama.cpp's
@@ -899,7 +899,6 @@ def _jobs(model, arch) -> list[tuple[str, str]]:
     tmap = name_map(arch, cfg.num_hidden_layers)
     allowed = allowed_tensors(arch)
     params = {n for n, _ in model.module.named_parameters(remove_duplicate=False)}
-    state = model.module.state_dict()
     names = list(model.tensors) + [n for n in state if n not in model.tensors]
     gguf_of = {n: tmap.get_name(n, try_suffixes=(".weight", ".bias")) for n in names}
     embed = next((n for n, g in gguf_of.items() if g == "token_embd.weight"), None)

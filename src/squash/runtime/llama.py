@@ -129,7 +129,6 @@ class KVDecoder:
 _EMPTY = torch.empty(0)
 
 
-
 class Decoder(KVDecoder):
     """Batch-1 inference over a transformers decoder's (possibly compressed) modules: the LLaMA family and its
     relatives, read from the module graph rather than a list of names of architectures.
