@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from squash.atomic import fault_point
 from squash.errors import QualityError, SquashError
 
 out = Console()
@@ -74,12 +75,16 @@ def cmd_compress(args) -> int:
     recipe = load_recipe(args.recipe)  # validate everything before the slow part
     output = Path(args.output) if args.output else Path(f"{Path(str(args.model)).stem}-{recipe.name}.squash")
     _check_output(output)
+    if _same_file(output, Path(str(args.model))):
+        raise SquashError(f"{output}: the output would replace the input; choose another name")
     with status(f"loading {args.model}", args.json):
         model = load(args.model)
+    fault_point("loaded")
     # an interrupted fine-tune resumes from here when the same command is run again
     checkpoint = Path(args.checkpoint) if args.checkpoint else output.with_name(f".{output.name}.finetune")
     with progress_bar(f"compressing ({recipe.name})", args.json) as cb:
         small = compress(model, recipe, progress=cb, checkpoint=checkpoint)
+    fault_point("compressed")
     with progress_bar("evaluating", args.json) as cb:
         report = evaluate(small, model, _eval_size(args), progress=cb)
     refused = refusal(report, small)
@@ -168,6 +173,10 @@ def cmd_generate(args) -> int:
     from squash import load_squash
     from squash.models import tokenizer_for
 
+    if args.max_new_tokens < 1:
+        raise SquashError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise SquashError(f"--temperature {args.temperature}: give 0 (greedy) or a positive number")
     if args.reference:
         small = load_squash(args.file)
     else:  # packed weights and squash's kernel; what cannot be packed runs on the reference path
@@ -184,6 +193,11 @@ def cmd_generate(args) -> int:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    hf = small.config.get("hf_config", {})
+    context = hf.get("max_position_embeddings") or hf.get("n_positions")
+    if isinstance(context, int) and ids.shape[1] + args.max_new_tokens > context:
+        raise SquashError(f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {args.max_new_tokens} do not fit "
+                          f"the model's context of {context} tokens")
     torch.manual_seed(args.seed)
     decoder = None
     if not args.reference:
@@ -215,8 +229,11 @@ def cmd_export(args) -> int:
     output = Path(args.output)
     if not output.parent.resolve().is_dir():
         raise SquashError(f"{output.parent}: the output folder does not exist")
+    if _same_file(output, Path(args.file)) or (args.metadata_from and _same_file(output, Path(args.metadata_from))):
+        raise SquashError(f"{output}: the output would replace an input; choose another name")
     with status(f"loading {args.file}", args.json):
         small = load_squash(args.file)
+    fault_point("loaded")
     if args.to == "gguf":
         from squash.io.gguf_export import export_gguf
 
@@ -259,6 +276,20 @@ def _print_export(fmt: str, output: Path, report: dict) -> None:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _one_line(message: str, limit: int = 600) -> str:
+    """An error is one line: a library's multi-line message (a config's repr, a parser's context) is joined, and
+    one that lists hundreds of choices is cut."""
+    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
 
 
 def _check_output(path: Path) -> None:
@@ -422,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     except SquashError as e:
         if args.debug:
             raise
-        err.print(Text("error: ", style="red") + Text(str(e)), highlight=False, soft_wrap=True)
+        err.print(Text("error: ", style="red") + Text(_one_line(str(e))), highlight=False, soft_wrap=True)
         return 3 if isinstance(e, QualityError) else 2
     except OSError as e:  # a folder that cannot be written, a disk that is full
         if args.debug:

@@ -15,7 +15,6 @@ import io
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from squash.atomic import atomic_folder
 from squash.errors import FormatError, SquashError
+from squash.checks import check_gguf, check_safetensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub; everything is local
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -39,7 +40,7 @@ class Model:
     module:    the runnable torch module (compressed layers swapped in when `tensors` is not empty)
     kind:      "causal-lm", "encoder" (sentence embeddings), "classifier" or "module" (anything else)
     name:      the bundled name or the path it came from
-    config:    JSON-able description that rebuilds the architecture (no pickle)
+    config:    JSON-able description that rebuilds the architecture (never pickled)
     tokenizer: for text models
     source:    identity of the float model: {"name", "sha256"} (sha256 of its weights)
     tensors:   compressed tensors by parameter name (empty for a float model)
@@ -127,27 +128,86 @@ def _kind_of_hf_config(config) -> str:
 
     lm_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise FormatError(f"config.json: architectures = {archs!r}; expected a list of class names")
     return "causal-lm" if any(a in lm_classes or a.endswith("ForCausalLM") for a in archs) else "encoder"
 
 
 def load_hf_dir(path: Path, name: str | None = None) -> Model:
-    """A transformers directory (config.json, safetensors weights, tokenizer), loaded offline in float32."""
+    """A transformers directory (config.json, safetensors weights, tokenizer), loaded offline in float32.
+
+    Before anything is allocated, the weights' headers are read and the config is built on the meta device: a
+    config that needs more parameters than the files hold (a missing tensor, or a hostile size) is refused, so
+    memory stays bounded by the files. Pickled weights (.bin, .pt) are never read."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise SquashError(f"{path}: no config.json, not a Hugging Face model directory")
+    stored = safetensors_shapes(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         kind = _kind_of_hf_config(config)
         cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-        module = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        _check_config_fits(path, config, cls, stored)
+        module, info = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32, use_safetensors=True,
+                                           output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except SquashError:
+        raise
+    except Exception as e:  # transformers and tokenizers raise many types on a damaged folder
         raise FormatError(f"{path}: cannot load as a transformers model ({_first_line(e)})") from e
+    missing = info.get("missing_keys") or []
+    if missing:  # transformers would fill them with random weights; a compressed copy of that is meaningless
+        raise FormatError(f"{path}: the weights lack {len(missing)} tensor(s) the config needs ({sorted(missing)[0]})")
     module.eval()
     return _finish(module, kind, name or str(path), {"hf_config": config.to_dict()}, tokenizer)
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def safetensors_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor name: (shape, dtype)} from the headers of a folder's .safetensors files (validated by safetensors:
+    bounded header, offsets inside the file); floating tensors only."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED)
+        if pickled:
+            raise FormatError(f"{folder}: only pickled weights ({pickled[0]}); squash never unpickles files, convert "
+                              "them to safetensors first")
+        raise FormatError(f"{folder}: no .safetensors weights")
+    out = {}
+    for f in files:
+        check_safetensors(f)
+        try:
+            with safe_open(f, framework="pt") as st:
+                for key in st.keys():
+                    sl = st.get_slice(key)
+                    out[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise FormatError(f"{f}: truncated or corrupt safetensors file ({_first_line(e)})") from e
+    for key, (shape, dtype) in out.items():
+        if dtype not in ("F64", "F32", "F16", "BF16") and not key.endswith(("position_ids", "token_type_ids")):
+            raise FormatError(f"{folder}: tensor {key!r} is stored as {dtype}; weights must be floating point")
+    return out
+
+
+def _check_config_fits(path: Path, config, cls, stored: dict) -> None:
+    """Build the model on the meta device (no memory) and refuse a config that needs more weights than stored."""
+    have = sum(math.prod(shape) for shape, _ in stored.values())
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and not 0 < layers <= len(stored):  # each layer stores at least one tensor
+        raise FormatError(f"{path}: config.json asks for {layers} layers; the weights hold {len(stored)} tensors")
+    with torch.device("meta"):
+        skeleton = cls.from_config(config)
+    need = sum(p.numel() for p in skeleton.parameters())
+    if need > have:
+        raise FormatError(f"{path}: config.json describes {need:,} parameters but the weights hold {have:,}; "
+                          "a tensor is missing or the config does not belong to these weights")
 
 
 def load_gguf(path: Path, name: str | None = None) -> Model:
@@ -157,7 +217,7 @@ def load_gguf(path: Path, name: str | None = None) -> Model:
     digest = _file_sha256(path)
     cached = cache_dir() / "gguf" / digest[:16]
     if not (cached / "config.json").is_file():
-        _check_gguf_header(path)
+        info = check_gguf(path)  # every length bounded by the file before a reader trusts it
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         _quiet_transformers()
@@ -167,6 +227,10 @@ def load_gguf(path: Path, name: str | None = None) -> Model:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as e:  # the GGUF reader raises many types on corrupt input
             raise FormatError(f"{path}: cannot read this GGUF file ({_first_line(e)})") from e
+        need = sum(p.numel() for p in module.parameters())
+        if need > info["elements"]:  # transformers fills tensors the file lacks with random weights, silently
+            raise FormatError(f"{path}: the GGUF holds {info['elements']:,} weights; its architecture needs {need:,} "
+                              "(tensors are missing)")
         _atomic_dir(cached, lambda d: _save_float_hf(module, tokenizer, d))
     return load_hf_dir(cached, name=name or str(path))
 
@@ -190,13 +254,6 @@ def _save_float_hf(module: nn.Module, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _check_gguf_header(path: Path) -> None:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise FormatError(f"{path}: not a GGUF file (no GGUF magic at the start)")
-
-
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -206,17 +263,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def _atomic_dir(target: Path, write: Callable[[Path], Any]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_folder(target) as tmp:
         write(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process filled the cache first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _first_line(e: BaseException) -> str:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import math
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+import types
+import typing
+from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -110,6 +112,11 @@ class Recipe:
         min_weights = d.get("min_weights", 0)
         if isinstance(min_weights, bool) or not isinstance(min_weights, int) or min_weights < 0:
             raise RecipeError(f"{origin}: min_weights = {min_weights!r}: a non-negative integer")
+        name, version = d.get("name", origin), d.get("version", 1)
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise RecipeError(f"{origin}: name must be a short string")
+        if version != 1 or isinstance(version, bool):
+            raise RecipeError(f"{origin}: recipe version {version!r}; this squash reads version 1")
         return cls(steps=_steps_from(d.get("steps", []), origin), exclude=exclude, name=d.get("name", origin),
                    version=d.get("version", 1), layers=layers, min_weights=min_weights)
 
@@ -154,8 +161,44 @@ def _steps_from(raw_steps, origin: str) -> tuple:
         bad = set(raw) - allowed
         if bad:
             raise RecipeError(f"{origin}: {kind} has no parameter(s) {sorted(bad)}; it takes {sorted(allowed)}")
+        hints = typing.get_type_hints(cls_)
+        for key, value in raw.items():
+            if not _fits(value, hints[key]):
+                raise RecipeError(f"{origin}: {kind}.{key} = {value!r}: expected {_type_name(hints[key])}")
         steps.append(cls_(**raw))
     return tuple(steps)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a TOML value has a step field's declared type: bool is not a number, a float is finite and an int
+    may stand for a float; str | int (a block size or "channel") takes either."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for t in options:
+        if t is bool and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if t is int and isinstance(value, int):
+            return -2**63 <= value < 2**63  # TOML's integers are 64-bit; Python's parser takes any size
+        if t is float and isinstance(value, (int, float)) and abs(value) < 1e300:  # finite, and no int overflow
+            return True
+        if t is str and isinstance(value, str):
+            return True
+        if t is type(None) and value is None:
+            return True
+        if typing.get_origin(t) in (tuple, list) and isinstance(value, list):
+            inner = typing.get_args(t)[:1]
+            return all(_fits(v, inner[0]) for v in value) if inner else True
+        if t is typing.Any:
+            return True
+    return False
+
+
+def _type_name(hint) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+             type(None): "nothing"}
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return " or ".join(names.get(t, "a list") for t in options)
 
 
 def presets() -> list[str]:
@@ -180,6 +223,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         parsed = tomllib.loads(data)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{origin}: invalid TOML ({e})") from e
+    except RecursionError:  # tomllib recurses once per nesting level
+        raise RecipeError(f"{origin}: invalid TOML (nested too deeply)") from None
     return Recipe.from_dict(parsed, origin)
 
 

@@ -34,9 +34,7 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -46,8 +44,9 @@ import numpy as np
 import torch
 
 import squash
+from squash.atomic import write_atomic
 from squash.errors import RecipeError, SquashError
-from squash.eval.quality import QUICK, EvalSize, lm_windows, sentence_embeddings
+from squash.eval.quality import QUICK, EvalSize, lm_windows, saturating_exp, sentence_embeddings
 from squash.models import Model, cache_dir, tokenizer_for
 from squash.recipe import (
     ORDER, LayerRule, Recipe, compress, float_weight_bytes, load_recipe, matches, stored_weight_bytes, target_weights,
@@ -254,7 +253,7 @@ class Quality:
                 raise SquashError("the evaluation text is shorter than one evaluation window")
             r = lm_window_losses(module, self.reference.module, windows, progress)
             nll, nll_ref = float(np.mean(r["nll"])), float(np.mean(r["nll_float"]))
-            metrics = {"perplexity": math.exp(nll), "perplexity_float": math.exp(nll_ref),
+            metrics = {"perplexity": saturating_exp(nll), "perplexity_float": saturating_exp(nll_ref),
                        "perplexity_ratio": math.exp(nll - nll_ref), "kl": float(np.mean(r["kl"])),
                        "top1_agreement": float(np.mean(r["top1"])), "tokens": int(sum(r["tokens"]))}
             return [float(v) for v in r["kl"]], metrics
@@ -351,20 +350,7 @@ def _read_cached(path: Path, key: str) -> dict | None:
 
 def _write_atomic(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def cached_point(model: Model, reference: Model, recipe: Recipe, size: EvalSize, *, quality: Quality | None = None,
@@ -792,7 +778,7 @@ def run_curve(model_name: str | Model, sweeps: Sequence[str] | str | None = None
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SquashError(f"{out_dir}: exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # created by the first file written (_write_atomic), so a run that fails early leaves no empty folder
 
     if isinstance(model_name, Model):
         model = model_name

@@ -44,6 +44,11 @@ def lm_windows(tokenizer, size: EvalSize) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def saturating_exp(x: float) -> float:
+    """exp, saturating at inf: a broken model's mean NLL of thousands of nats is a result to report, not a crash."""
+    return math.exp(x) if x < 700 else math.inf
+
+
 def lm_quality(module, reference, windows: torch.Tensor, progress: Progress | None = None) -> dict:
     """Perplexity of both models, and KL / top-1 agreement of `module` against `reference`."""
     nll, nll_ref, kl, agree, count = 0.0, 0.0, 0.0, 0, 0
@@ -60,8 +65,8 @@ def lm_quality(module, reference, windows: torch.Tensor, progress: Progress | No
         if progress:
             progress(i + 1, len(windows), "evaluation text")
     return {
-        "perplexity": math.exp(nll / count),
-        "perplexity_float": math.exp(nll_ref / count),
+        "perplexity": saturating_exp(nll / count),
+        "perplexity_float": saturating_exp(nll_ref / count),
         "kl": kl / count,
         "top1_agreement": agree / count,
         "tokens": count,

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from squash.atomic import atomic_output
 from squash.errors import SquashError
+from squash.checks import check_gguf
 from squash.io.gguf_arch import (allowed_tensors, arch_of, hyperparameters, ignored_features, name_map,
                                  rope_permutation, same_value)
 
@@ -758,6 +759,7 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
     src = source_gguf(model, metadata_from)
     reader = None
     if src is not None:
+        check_gguf(src)
         try:
             reader = gguf.GGUFReader(src)
         except Exception as e:  # the reader raises many types on a damaged file
@@ -820,9 +822,7 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
         counts[w.qtype] = counts.get(w.qtype, 0) + _numel(w)
     main_type = max(counts, key=counts.get) if counts else "F32"
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch.gguf)
         V = gguf.GGUFValueType
         derived = hyperparameters(arch, cfg)
@@ -866,15 +866,6 @@ def export_gguf(model, path: str | os.PathLike, target: str | None = None,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     refit = [w for w in written if w.how == "refit" and w.qtype not in ("F16", "F32")]
     if refit:  # llama.cpp will not reproduce squash's quality exactly: say so where the user looks
         worst = max(refit, key=lambda w: w.out_err)

@@ -37,7 +37,6 @@ import inspect
 import io
 import math
 import os
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from squash.atomic import write_atomic
 from squash.errors import SquashError
 from squash.models import Model
 from squash.runtime.modules import QConv, QEmbedding, QLinear, quantize_activations
@@ -718,19 +718,7 @@ def _nbytes(t) -> int:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
 
 
 def _first_line(e: BaseException) -> str:

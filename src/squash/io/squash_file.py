@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from squash import __version__
+from squash.atomic import atomic_output
+from squash.checks import check_safetensors
 from squash.errors import FormatError, SquashError
 from squash.entropy import CodedStream, coded_streams, decode, nibbles_to_mask
 from squash.layers import Form, layer_form
@@ -106,19 +107,8 @@ def save(model: Model, path: str | os.PathLike) -> Path:
     if not path.parent.is_dir():
         raise SquashError(f"{path.parent}: the output folder does not exist")
     arrays, header = arrays_of(model)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         save_file(arrays, tmp, metadata={MAGIC: json.dumps(header, allow_nan=False)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -127,6 +117,7 @@ def read_header(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
+    check_safetensors(path)  # the layout, bounded by the file, before the library maps it
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -158,8 +149,12 @@ def _header_problem(h: dict) -> str | None:
     for key, kind in expect.items():
         if not isinstance(h.get(key), kind):
             return f"{key} must be a {kind.__name__}"
-    if not isinstance(h.get("recipe"), (dict, type(None))):
+    if "recipe" not in h or not isinstance(h["recipe"], (dict, type(None))):
         return "recipe must be a table"
+    if not isinstance(h.get("layers", {}), dict):
+        return "layers must be a table"
+    if not isinstance(h["model"].get("name", ""), str):
+        return "model.name must be a string"
     if not isinstance(h["model"].get("kind"), str) or not isinstance(h["model"].get("config"), dict):
         return "model needs a kind and a config"
     for name, e in h["tensors"].items():
@@ -172,6 +167,11 @@ def _header_problem(h: dict) -> str | None:
             return f"tensor {name!r} has no valid block"
         if not (isinstance(bits, int) and 0 <= bits <= 8) or not isinstance(e.get("symmetric"), bool):
             return f"tensor {name!r} has invalid bits or symmetric"
+        if e.get("encoding") not in ("uniform", "grid", "lowrank", "pruned"):
+            return f"tensor {name!r} has unknown encoding {e.get('encoding')!r}"
+        arrays = e.get("arrays", [])
+        if not (isinstance(arrays, list) and set(arrays) <= set(CompressedTensor.ARRAYS)):
+            return f"tensor {name!r} lists unknown arrays"
         if not isinstance(e.get("stored_bytes", 0), int) or not isinstance(e.get("extra", {}), dict):
             return f"tensor {name!r} has invalid stored_bytes or extra"
         kept, frac = e.get("kept", 0), e.get("zero_frac", 0)
@@ -194,6 +194,10 @@ def load_squash(path: str | os.PathLike, module: nn.Module | None = None) -> Mod
     given `module` skeleton for a plain torch module). Checks every array against the header's checksum."""
     path = Path(path)
     header = read_header(path)
+    weights = sum(math.prod(e["shape"]) for e in header["tensors"].values())
+    if weights > MAX_WEIGHTS_PER_BYTE * path.stat().st_size:  # before anything is allocated for them
+        raise FormatError(f"{path}: the header describes {weights:,} weights, more than a file of "
+                          f"{path.stat().st_size:,} bytes can hold; the file is corrupt")
     try:
         with safe_open(path, framework="pt") as f:
             arrays = {k: f.get_tensor(k) for k in f.keys()}
@@ -203,15 +207,26 @@ def load_squash(path: str | os.PathLike, module: nn.Module | None = None) -> Mod
         raise FormatError(f"{path}: the arrays do not match the header's checksum; the file is corrupt")
     try:
         return _assemble(header, arrays, module)
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError, OverflowError) as e:
+    except SquashError as e:
+        raise FormatError(f"{path}: {e}") from e
+    except Exception as e:  # the file is untrusted: whatever its header makes the rebuild raise, one line
         raise FormatError(f"{path}: the header does not fit the arrays or the model ({_first_line(e)})") from e
+
+
+# At least 1/8 bit per weight: 90% pruned and entropy-coded still costs ~0.5 bit. A header claiming more weights
+# than that for its file's size would make a reader allocate memory the file cannot justify.
+MAX_WEIGHTS_PER_BYTE = 64
 
 
 def _assemble(header: dict, arrays: dict[str, torch.Tensor], module: nn.Module | None) -> Model:
     kind = header["model"]["kind"]
     if kind not in KINDS:
         raise FormatError(f"unknown model kind {kind!r} in the header")
+    for name, t in arrays.items():
+        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"array {name!r} holds NaN or Inf; squash never writes those, the file is corrupt")
     if module is None:
+        _check_rebuild_size(kind, header, arrays)
         module = rebuild(kind, header["model"]["config"])
     tensors = {name: _tensor_from(name, e, arrays) for name, e in header["tensors"].items()}
     weights = {name: CompressedWeight(ct) for name, ct in tensors.items()}
@@ -249,6 +264,25 @@ def _assemble(header: dict, arrays: dict[str, torch.Tensor], module: nn.Module |
                  layers=dict(header.get("layers", {})), assets=assets)
 
 
+def _check_rebuild_size(kind: str, header: dict, arrays: dict[str, torch.Tensor]) -> None:
+    """The architecture the header's config describes, built on the meta device (no memory), must not need more
+    parameters than the file stores: a hostile config (hidden size 2^20) is refused before it is allocated."""
+    try:
+        with torch.device("meta"):
+            skeleton = rebuild(kind, header["model"]["config"])
+    except SquashError:
+        raise
+    except Exception as e:
+        if kind == "module":  # a user's constructor that cannot run on the meta device: built for real below
+            return
+        raise FormatError(f"the stored config cannot be built ({_first_line(e)})") from e
+    need = sum(p.numel() for p in skeleton.parameters())
+    have = sum(math.prod(e["shape"]) for e in header["tensors"].values())
+    have += sum(arrays[n].numel() for n in header["float"] if n in arrays)
+    if need > have:
+        raise FormatError(f"the stored config describes {need:,} parameters but the file holds {have:,}")
+
+
 MAX_ASSET_BYTES = 1 << 28
 
 
@@ -283,6 +317,17 @@ def _tensor_from(name: str, entry: dict, arrays: dict[str, torch.Tensor]) -> Com
     n = math.prod(shape)
     kept = int(entry.get("kept", n))
     fields = {f: arrays[f"{name}.{f}"] for f in present if f not in ("codes", "mask") or not entropy}
+    for f, t in fields.items():
+        want = (t.dtype == torch.uint8 if f in ("codes", "mask") or (f == "zero" and entry.get("zero") == "int")
+                else t.dtype in (torch.int32, torch.int64) if f == "sparse_index" else t.dtype.is_floating_point)
+        if not want:
+            raise FormatError(f"tensor {name!r}: {f} is stored as {t.dtype}, which squash never writes")
+    if entropy:
+        for f in ("codes", "mask"):
+            for part in ("counts", "words"):
+                t = arrays.get(f"{name}.{f}.{part}")
+                if f in present and (t is None or t.dtype != torch.int32 or t.dim() != 1):
+                    raise FormatError(f"tensor {name!r}: the entropy-coded {f} needs a 1-d int32 {part} array")
 
     def stream(f: str) -> np.ndarray:
         alphabet = 16 if f == "mask" else 2**bits

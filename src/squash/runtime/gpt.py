@@ -15,7 +15,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from squash.errors import SquashError
 from squash.runtime.llama import KVDecoder, _attention, _linear, fuse
