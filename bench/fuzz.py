@@ -964,7 +964,9 @@ def main(argv=None) -> int:
         from results_dir import RESULTS
 
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "fuzz.json").write_text(json.dumps(summary, indent=1))
+        rows = [{k: (v[:300] if isinstance(v, str) else v) for k, v in r.items() if k != "traceback"}
+                for r in summary["rows"]]
+        (RESULTS / "fuzz.json").write_text(json.dumps({**summary, "rows": rows}, separators=(",", ":")) + "\n")
         fam: dict[str, dict] = {}
         for r in summary["rows"]:
             f = fam.setdefault(r["case"].split("/")[0], {"cases": 0, "refused": 0, "ran": 0, "bad": 0})

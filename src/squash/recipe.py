@@ -276,6 +276,20 @@ def check_finite(module: nn.Module) -> None:
 
 def compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None = None,
              progress: Progress | None = None, checkpoint: str | Path | None = None) -> Model:
+    """A compressed copy of `model`, the same bytes every time: PyTorch's deterministic algorithms are on while it
+    runs (with two threads, some CPU kernels' default backward accumulates in whatever order the threads finish,
+    and fine-tuning's Adam turns those last-bit differences, in a key bias whose true gradient is zero, into
+    whole steps). See _compress."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: an op without such a kernel still runs
+    try:
+        return _compress(model, recipe, calib, progress, checkpoint)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _compress(model: Model | nn.Module, recipe: Recipe, calib: list[dict] | None,
+              progress: Progress | None, checkpoint: str | Path | None) -> Model:
     """A compressed copy of `model` (which is left untouched): every target weight runs through the recipe's
     tensor steps and its module is replaced by one that holds the compressed weight. Tied weights stay tied.
     Model-level steps run around them: prune_channels first (the shapes shrink), finetune last (distilling
