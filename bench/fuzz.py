@@ -1,6 +1,6 @@
 """Fuzz squash's readers: hundreds of bad inputs made from valid files squash writes itself, every command run on them.
 
-    python bench/fuzz.py            # the full corpus (about 700 cases), summary in bench/results/fuzz.{json,md}
+    python bench/fuzz.py            # the full corpus (1530 cases, ~3 min), summary in bench/results/fuzz.{json,md}
     python bench/fuzz.py --slice 60 # a seeded slice (tests/test_fuzz.py runs one in CI)
 
 Seeds (written here, deterministic): digits-cnn compressed four ways (int8; pruned + k-means + entropy-coded; GPTQ int4

@@ -116,7 +116,7 @@ def cut_for_time(recipe):
 def test_every_preset_on_minilm_compresses_byte_identically_twice(minilm):
     """Every preset on minilm-l6, twice. As shipped they take ~20 minutes on 2 cores (GPTQ calibrates on 32
     batches, deep-compression fine-tunes 600 steps), so calibration is 4 sequences and the loops are cut
-    (cut_for_time); bench/fuzz.py --determinism runs smollm2's presets as shipped."""
+    (cut_for_time); bench/determinism.py runs smollm2's presets as shipped."""
     from squash.calibrate import calibration_batches
 
     calib = [{k: v[:4] for k, v in calibration_batches(minilm, samples=2)[0].items()}]
