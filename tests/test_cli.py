@@ -204,3 +204,20 @@ def test_structurally_broken_header_for_inspect_and_eval(tmp_path, capsys, digit
 def test_written_file_is_readable_by_others(tmp_path, capsys, digits_file):
     out = digits_file
     assert out.stat().st_mode & 0o044  # not mkstemp's private 0600
+
+
+def test_a_missing_tensor_is_refused_but_a_missing_pooler_is_not(tmp_path, capsys, tiny_bert_dir):
+    """transformers fills a tensor the weights lack with random values; squash refuses such a folder. An encoder's
+    pooler is the exception: RoBERTa and most fine-tunes do not store one and squash's embeddings never use it."""
+    from safetensors.torch import load_file, save_file
+
+    from squash import load
+
+    weights = tiny_bert_dir / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if not k.startswith("pooler.")}, weights, metadata={"format": "pt"})
+    assert load(tiny_bert_dir).kind == "encoder"
+    gone = next(k for k in state if k.endswith("intermediate.dense.bias"))
+    save_file({k: v for k, v in state.items() if k != gone}, weights, metadata={"format": "pt"})
+    code, _, err = run(capsys, "compress", str(tiny_bert_dir), "-o", str(tmp_path / "x.squash"))
+    _one_error_line(code, err, "lack", gone)

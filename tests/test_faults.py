@@ -53,7 +53,7 @@ def test_kill_during_compress_keeps_the_previous_file(tmp_path, point):
     assert sha(out) == previous  # the complete older file, untouched
     load_squash(out)
     stale = leftovers(tmp_path)  # a kill after the temporary file is complete leaves it (no process can clean up)
-    assert len(stale) == (point == "written") and all(re.fullmatch(r"\.d\.squash\.\d+\.tmp", s) for s in stale)
+    assert len(stale) == (point == "written") and all(re.fullmatch(r"\.d\.squash\.\d+\.[0-9a-f]+\.tmp", s) for s in stale)
 
     again = squash_cli("compress", "digits-cnn", "--recipe", "rtn4", "-o", str(out), "--quick", "--json")
     assert again.returncode == 0, again.stderr

@@ -3,7 +3,7 @@
 A file is written to a temporary name in the target's own folder (same filesystem, so the final rename is atomic),
 flushed to disk, given the permissions a plain open() would give, and renamed over the target; the folder is then
 synced so the rename itself survives a crash. A process killed half-way leaves the previous file untouched and a
-temporary `.NAME.PID.tmp`; the next write to the same target removes such files whose process is gone, so no
+temporary `.NAME.PID.RANDOM.tmp`; the next write to the same target removes such files whose process is gone, so no
 stale temporary file outlives a rerun. Two writers of one target each rename a complete file: the last one wins.
 
 SQUASH_FAULT names a point at which the process kills itself with SIGKILL (tests/test_faults.py uses it to check
@@ -11,7 +11,9 @@ the above at each stage of compress and export); unset, fault_point does nothing
 """
 from __future__ import annotations
 
+import glob
 import os
+import secrets
 import shutil
 import signal
 from contextlib import contextmanager
@@ -25,15 +27,17 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def temp_name(path: Path, pid: int | None = None) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid() if pid is None else pid}.tmp")
+def temp_name(path: Path) -> Path:
+    """.NAME.PID.RANDOM.tmp: the pid says whether its writer still runs; the random part keeps two writers that
+    share a pid number (threads, containers on one volume) from ever sharing a name."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def remove_stale(path: Path) -> list[Path]:
     """Delete temporary files of `path` left by processes that no longer run; returns what was removed."""
     removed = []
-    for p in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = p.name[len(path.name) + 2:-4]
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = p.name[len(path.name) + 2:-4].split(".")[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
         try:
@@ -60,8 +64,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     remove_stale(path)
     tmp = temp_name(path)
-    tmp.unlink(missing_ok=True)  # ours from an earlier, failed write in this process (or a planted link)
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))  # a new name, ours alone
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -88,15 +91,23 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
     tmp = temp_name(path)
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        for f in tmp.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         fault_point("written")
         try:
             tmp.rename(path)
-        except OSError:  # another process filled it first
+        except OSError:  # another process filled it first; anything else is an error
+            if not path.is_dir():
+                raise
             shutil.rmtree(tmp, ignore_errors=True)
+        _sync_folder(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -109,10 +109,10 @@ def _walk(c: "_Cursor", gguf) -> dict:
             raise FormatError(f"{path}: corrupt GGUF header (tensor {name!r} appears twice)")
         names.add(name)
         n_dims = c.unpack("<I", f"the dimension count of {name}")
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise FormatError(f"{path}: corrupt GGUF tensor {name!r} ({n_dims} dimensions; 1 to {MAX_DIMS})")
+        if n_dims > MAX_DIMS:
+            raise FormatError(f"{path}: corrupt GGUF tensor {name!r} ({n_dims} dimensions; at most {MAX_DIMS})")
         dims = [c.unpack("<Q", f"a dimension of {name}") for _ in range(n_dims)]
-        if any(d < 1 or d >= 1 << 62 for d in dims):
+        if any(d >= 1 << 62 for d in dims) or math.prod(dims) >= 1 << 62:
             raise FormatError(f"{path}: corrupt GGUF tensor {name!r} (dimensions {dims})")
         ttype, offset = c.unpack("<IQ", f"the type and offset of {name}")
         try:
@@ -120,7 +120,7 @@ def _walk(c: "_Cursor", gguf) -> dict:
         except (ValueError, KeyError):
             raise FormatError(f"{path}: GGUF tensor {name!r} has unknown type {ttype}") from None
         n = math.prod(dims)
-        if dims[0] % block:
+        if dims and dims[0] % block:
             raise FormatError(f"{path}: corrupt GGUF tensor {name!r} (a row of {dims[0]} is not whole blocks of {block})")
         infos.append((name, offset, n // block * type_size))
         elements += n
@@ -140,8 +140,9 @@ def _walk(c: "_Cursor", gguf) -> dict:
     return {"version": version, "tensors": n_tensors, "kv": n_kv, "architecture": arch, "elements": elements}
 
 
-ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
+             "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+             "F64": 8, "C64": 8}  # (F4, two per byte, is not read here)
 MAX_ST_HEADER = 100_000_000  # the safetensors library's own limit
 
 

@@ -158,7 +158,7 @@ def load_hf_dir(path: Path, name: str | None = None) -> Model:
         raise
     except Exception as e:  # transformers and tokenizers raise many types on a damaged folder
         raise FormatError(f"{path}: cannot load as a transformers model ({_first_line(e)})") from e
-    missing = info.get("missing_keys") or []
+    missing = [k for k in info.get("missing_keys") or [] if not _unused_head(k, kind)]
     if missing:  # transformers would fill them with random weights; a compressed copy of that is meaningless
         raise FormatError(f"{path}: the weights lack {len(missing)} tensor(s) the config needs ({sorted(missing)[0]})")
     module.eval()
@@ -166,6 +166,12 @@ def load_hf_dir(path: Path, name: str | None = None) -> Model:
 
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _unused_head(name: str, kind: str) -> bool:
+    """AutoModel gives BERT-style encoders a pooler that many checkpoints (RoBERTa, masked-LM and token
+    classification fine-tunes) do not store; squash's embeddings never use it, so its absence is no loss."""
+    return kind == "encoder" and name.startswith("pooler.")
 
 
 def safetensors_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -190,8 +196,8 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                     out[key] = (tuple(sl.get_shape()), sl.get_dtype())
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise FormatError(f"{f}: truncated or corrupt safetensors file ({_first_line(e)})") from e
-    for key, (shape, dtype) in out.items():
-        if dtype not in ("F64", "F32", "F16", "BF16") and not key.endswith(("position_ids", "token_type_ids")):
+    for key, (shape, dtype) in out.items():  # integer and bool buffers (position ids, causal masks) are fine
+        if key.endswith(".weight") and dtype not in ("F64", "F32", "F16", "BF16"):
             raise FormatError(f"{folder}: tensor {key!r} is stored as {dtype}; weights must be floating point")
     return out
 
@@ -204,7 +210,8 @@ def _check_config_fits(path: Path, config, cls, stored: dict) -> None:
         raise FormatError(f"{path}: config.json asks for {layers} layers; the weights hold {len(stored)} tensors")
     with torch.device("meta"):
         skeleton = cls.from_config(config)
-    need = sum(p.numel() for p in skeleton.parameters())
+    kind = "encoder" if cls.__name__ == "AutoModel" else "causal-lm"
+    need = sum(p.numel() for n, p in skeleton.named_parameters() if not _unused_head(n, kind))
     if need > have:
         raise FormatError(f"{path}: config.json describes {need:,} parameters but the weights hold {have:,}; "
                           "a tensor is missing or the config does not belong to these weights")

@@ -113,7 +113,7 @@ class Recipe:
         if isinstance(min_weights, bool) or not isinstance(min_weights, int) or min_weights < 0:
             raise RecipeError(f"{origin}: min_weights = {min_weights!r}: a non-negative integer")
         name, version = d.get("name", origin), d.get("version", 1)
-        if not isinstance(name, str) or not name or len(name) > 200:
+        if "name" in d and (not isinstance(name, str) or not name or len(name) > 200):
             raise RecipeError(f"{origin}: name must be a short string")
         if version != 1 or isinstance(version, bool):
             raise RecipeError(f"{origin}: recipe version {version!r}; this squash reads version 1")

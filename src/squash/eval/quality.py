@@ -43,12 +43,12 @@ def lm_windows(tokenizer, size: EvalSize) -> torch.Tensor:
     return ids[: n * size.lm_window].reshape(n, size.lm_window)  # (n, window)
 
 
-@torch.inference_mode()
 def saturating_exp(x: float) -> float:
     """exp, saturating at inf: a broken model's mean NLL of thousands of nats is a result to report, not a crash."""
     return math.exp(x) if x < 700 else math.inf
 
 
+@torch.inference_mode()
 def lm_quality(module, reference, windows: torch.Tensor, progress: Progress | None = None) -> dict:
     """Perplexity of both models, and KL / top-1 agreement of `module` against `reference`."""
     nll, nll_ref, kl, agree, count = 0.0, 0.0, 0.0, 0, 0

@@ -194,7 +194,8 @@ def load_squash(path: str | os.PathLike, module: nn.Module | None = None) -> Mod
     given `module` skeleton for a plain torch module). Checks every array against the header's checksum."""
     path = Path(path)
     header = read_header(path)
-    weights = sum(math.prod(e["shape"]) for e in header["tensors"].values())
+    # a low-rank-only tensor stores rank·(rows + cols) values for rows·cols weights: allowed 16× the density
+    weights = sum(math.prod(e["shape"]) / (16 if e["encoding"] == "lowrank" else 1) for e in header["tensors"].values())
     if weights > MAX_WEIGHTS_PER_BYTE * path.stat().st_size:  # before anything is allocated for them
         raise FormatError(f"{path}: the header describes {weights:,} weights, more than a file of "
                           f"{path.stat().st_size:,} bytes can hold; the file is corrupt")
@@ -222,8 +223,10 @@ def _assemble(header: dict, arrays: dict[str, torch.Tensor], module: nn.Module |
     kind = header["model"]["kind"]
     if kind not in KINDS:
         raise FormatError(f"unknown model kind {kind!r} in the header")
-    for name, t in arrays.items():
-        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+    kept_float = set(header["float"])
+    for name, t in arrays.items():  # a float buffer may hold -inf (a causal mask); nothing may hold NaN
+        ok = (~torch.isnan(t)) if name in kept_float else torch.isfinite(t)
+        if t.dtype.is_floating_point and not bool(ok.all()):
             raise FormatError(f"array {name!r} holds NaN or Inf; squash never writes those, the file is corrupt")
     if module is None:
         _check_rebuild_size(kind, header, arrays)
