@@ -61,6 +61,14 @@ def main() -> int:
                   f"({files[0].stat().st_size:,} bytes, {seconds[0]:.0f} s + {seconds[1]:.0f} s)", flush=True)
             for f in files:
                 f.unlink()
+            write(args.model, names, rows)  # after every preset: a run cut short still leaves its rows
+    return 0 if all(r.get("identical") for r in rows) else 1
+
+
+def write(model: str, names: list[str], rows: list[dict]) -> None:
+    from squash.recipe import presets
+
+    args = argparse.Namespace(model=model)
     RESULTS.mkdir(parents=True, exist_ok=True)
     slug = args.model.replace("/", "_")
     (RESULTS / f"determinism-{slug}.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=1) + "\n")
@@ -73,11 +81,10 @@ def main() -> int:
         else:
             md.append(f"| {r['preset']} | {'identical' if r['identical'] else '**different**'} | {r['bytes']:,} | "
                       f"{r['seconds'][0]}, {r['seconds'][1]} |")
-    skipped = sorted(set(presets()) - set(names))
+    skipped = sorted(set(presets()) - {r["preset"] for r in rows})
     if skipped:
         md += ["", f"Not run this time: {', '.join(skipped)}."]
     (RESULTS / f"determinism-{slug}.md").write_text("\n".join(md) + "\n")
-    return 0 if all(r.get("identical") for r in rows) else 1
 
 
 if __name__ == "__main__":
