@@ -64,7 +64,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     remove_stale(path)
     tmp = temp_name(path)
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))  # a new name, ours alone
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))  # a new name, ours alone
+    except OSError as e:  # name the file the user asked for, not the random temporary name
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
