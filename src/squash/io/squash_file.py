@@ -117,12 +117,7 @@ def read_header(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
-    check_safetensors(path)  # the layout, bounded by the file, before the library maps it
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FormatError(f"{path}: truncated or not a .squash file ({_first_line(e)})") from e
+    meta = check_safetensors(path).get("__metadata__", {})  # the layout, bounded by the file, checked first
     if MAGIC not in meta:
         raise FormatError(f"{path}: a safetensors file without a squash header; not a .squash file")
     try:
